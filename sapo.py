@@ -135,6 +135,8 @@ class Config:
     num_samples: int = _f(8, "example negatives written to samples.jsonl")
     save_steps: int = _f(20, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep")
+    on_nonfinite: str = _f("skip", "a NaN/inf loss or gradient: skip that optimizer step (counted in metrics as "
+                           "nonfinite/skipped) or stop with a message", choices=("skip", "stop"))
 
 
 class UserError(Exception):
@@ -200,6 +202,8 @@ def load_model(name: str, dtype=torch.float32, device="cpu", trust_remote_code=F
     from transformers import AutoModelForCausalLM
     source = bundled_model_folder() if name == BUNDLED_MODEL else name
     model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code))
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(model.config, "is_decoder", True) is False:
+        raise UserError(f"model '{name}': {type(model).__name__} is not a causal (decoder-only) language model")
     model.to(device)
     model.config.use_cache = False  # training forwards need no KV cache; generate() turns it on for itself
     return model
@@ -628,10 +632,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def assert_finite(models: dict) -> None:
+    """NaN or inf weights are never written."""
+    for name, model in models.items():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"{name} weights hold NaN/inf values; not saving them (the last checkpoint is intact)")
+
+
 def save_checkpoint(ckpt_root: Path, step: int, models: dict, trainer_state: dict, json_state: dict, keep: int) -> Path:
     """checkpoints/step-N/: <name>.safetensors per model, trainer.pt (tensors only: optimizer, scheduler,
     RNG), state.json (step, buffer, data position, Python RNG), manifest.json (sha256 of each file, last)."""
     from safetensors.torch import save_model
+    assert_finite(models)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -678,6 +690,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def save_final(model, tok, out: Path) -> None:
     """save_pretrained (safetensors) + tokenizer into out/, atomically."""
+    assert_finite({"policy": model})
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -807,7 +820,7 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
     stream = PromptStream(len(examples), cfg.seed)
-    step, before, spin_negatives = 0, None, []
+    step, before, spin_negatives, skipped = 0, None, [], 0
     models = {"policy": policy, "ema": ema_model, "ref": ref_model}
     models = {k: m for k, m in models.items() if m is not None}
     samples_path, metrics_path = out / "samples.jsonl", out / "metrics.jsonl"
@@ -823,7 +836,7 @@ def train(cfg: Config) -> dict:
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         js = json.loads((resume_from / "state.json").read_text())
-        step, before, spin_negatives = js["step"], js["before"], js["spin_negatives"]
+        step, before, spin_negatives, skipped = js["step"], js["before"], js["spin_negatives"], js["skipped"]
         buffer.load_state_dict(js["buffer"])
         stream = PromptStream(len(examples), cfg.seed, *js["stream"])
         version, internal, gauss = js["python_rng"]
@@ -843,7 +856,7 @@ def train(cfg: Config) -> dict:
         if device.type == "cuda":
             trainer_state["cuda_rng"] = torch.cuda.get_rng_state(device)
         json_state = {"step": step, "before": before, "buffer": buffer.state_dict(), "stream": [stream.epoch, stream.pos],
-                      "python_rng": [version, list(internal), gauss], "spin_negatives": spin_negatives}
+                      "python_rng": [version, list(internal), gauss], "spin_negatives": spin_negatives, "skipped": skipped}
         save_checkpoint(ckpt_root, step, models, trainer_state, json_state, cfg.keep_checkpoints)
 
     def negatives_for(indices: list[int]) -> list[dict]:
@@ -896,14 +909,21 @@ def train(cfg: Config) -> dict:
                     n_samples += 1
         # (5) the optimizer step
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        finite = math.isfinite(grad_norm.item()) and all(math.isfinite(m["loss"]) for m in accum)
+        if finite:
+            optimizer.step()
+        elif cfg.on_nonfinite == "stop":
+            raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {[m['loss'] for m in accum]}); "
+                            f"lower --lr, or pass --on-nonfinite skip; the last checkpoint is intact")
+        else:                       # skip: the weights stay as they were, the step still counts
+            skipped += 1
         scheduler.step()
         step += 1
         # (6) SAPO-DPO: refresh the reference from the EMA every ref_every steps (authors: 108)
         if recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step % ref_every == 0:
             copy_weights(ref_model, models[recipe.ref_source])
         metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
-        metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+        metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "nonfinite/skipped": skipped,
                         "buffer/size": len(buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
                         "time/step_s": time.perf_counter() - t0})
         with open(metrics_path, "a") as fh:
