@@ -88,6 +88,9 @@ class Config:
     eval_dataset: str = _f("", "held-out prompts for the before/after summary (default: the bundled held-out "
                            "file with the bundled data, otherwise --eval-size prompts held out of --dataset)")
     eval_size: int = _f(16, "number of held-out prompts scored before and after training")
+    eval_only: bool = _f(False, "only evaluate --model on the held-out prompts (log-prob of y+; instruction accuracy "
+                         "when rows carry constraints) and print JSON; trains nothing, writes nothing")
+    eval_max_new_tokens: int = _f(128, "longest greedy answer when scoring instruction following")
     method: str = _f("sapo-dpo", "sapo-dpo | sapo-orpo, or a baseline as a special case of the same loop: sft "
                      "(NLL on y+), dpo / orpo (offline, the dataset's `rejected`), spin (whole responses from a "
                      "frozen copy, regenerated once per iteration)", choices=METHODS)
@@ -230,6 +233,7 @@ class Example:
     prompt_ids: list[int]      # x, already in the chat format, ending where the assistant starts
     chosen_ids: list[int]      # y+, ending with EOS
     rejected_ids: list[int] | None = None  # a dataset's own y- (unused by SAPO)
+    constraints: list | None = None        # verifiable instructions, when the row has them (the bundled task)
 
 
 def _messages(value, where: str, field_name: str) -> list[dict]:
@@ -334,7 +338,8 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int, spl
         elif len(x) + len(y_pos) > max_length:
             too_long += 1
         else:
-            examples.append(Example(x, y_pos, encode_response(tok, rejected) if rejected else None))
+            examples.append(Example(x, y_pos, encode_response(tok, rejected) if rejected else None,
+                                    row.get("constraints") if isinstance(row.get("constraints"), list) else None))
     if verbose and (too_long_prompt or too_long):
         print(f"{source}: skipped {too_long_prompt} prompts longer than --max-prompt-length={max_prompt_length} and "
               f"{too_long} examples longer than --max-length={max_length}; kept {len(examples)}", flush=True)
@@ -612,6 +617,42 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, batch_size: i
             "eval/preference_accuracy": (pos > neg).float().mean().item()}
 
 
+def instruction_following(model, tok, examples: list[Example], stop_ids, max_new_tokens=128, batch_size=8) -> dict:
+    """Greedy answers to prompts that carry verifiable constraints, scored by the bundled IFEval-lite checker:
+    strict prompt-level accuracy (every constraint met) and loose instruction-level accuracy (IFEval's)."""
+    from bench.ifeval_lite import score
+    rows = [e for e in examples if e.constraints]
+    responses = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        outs = generate_segments(model, [e.prompt_ids for e in chunk], [max_new_tokens] * len(chunk), tok.pad_token_id,
+                                 stop_ids, do_sample=False)
+        responses += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+    s = score(responses, [{"constraints": e.constraints} for e in rows])
+    return {"eval/prompt_strict_acc": s["prompt_strict_acc"], "eval/instruction_loose_acc": s["instruction_loose_acc"],
+            "responses": responses}
+
+
+def evaluate_model(cfg: Config) -> dict:
+    """--eval-only: score a saved or hub model on held-out prompts, with nothing trained or written."""
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    source = cfg.eval_dataset or str(BUNDLED_HELDOUT)
+    examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)[: cfg.eval_size]
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device, cfg.trust_remote_code)
+    logps, counts = [], []
+    with torch.no_grad():
+        for i in range(0, len(examples), cfg.batch_size):
+            lp, n = sequence_logps(model.eval(), **collate([(e.prompt_ids, e.chosen_ids) for e in examples[i: i + cfg.batch_size]],
+                                                          tok.pad_token_id, device))
+            logps.append(lp), counts.append(n)
+    result = {"model": cfg.model, "eval_dataset": source, "n_prompts": len(examples),
+              "eval/logps_chosen_per_token": (torch.cat(logps) / torch.cat(counts)).mean().item()}
+    if any(e.constraints for e in examples):
+        result.update(instruction_following(model, tok, examples, stop_token_ids(model, tok), cfg.eval_max_new_tokens))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------
 # 10. Checkpoints: atomic (write to a temp folder, fsync, rename), verified by a manifest of hashes
 # ---------------------------------------------------------------------------------------------------
@@ -844,6 +885,8 @@ def train(cfg: Config) -> dict:
         print(f"resumed from {resume_from} at step {step}", flush=True)
     elif eval_tuples:
         before = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size)
+        if any(e.constraints for e in eval_examples):
+            before.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, cfg.batch_size))
     for path in (metrics_path, samples_path):   # drop lines from steps after the checkpoint: they will be redone
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -937,7 +980,12 @@ def train(cfg: Config) -> dict:
 
     save_final(policy, tok, out / "final")
     after = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size) if eval_tuples else None
-    summary = {"before": before, "after": after, "last": metrics, "final_dir": str(out / "final")}
+    if after and any(e.constraints for e in eval_examples):
+        after.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, cfg.batch_size))
+    responses = {"before": (before or {}).pop("responses", []), "after": (after or {}).pop("responses", [])}
+    summary = {"before": before, "after": after, "last": metrics, "final_dir": str(out / "final"), "n_eval": len(eval_tuples),
+               "eval_responses": [{"prompt": tok.decode(e.prompt_ids, skip_special_tokens=True), "before": b, "after": a}
+                                  for e, b, a in zip(eval_examples, responses["before"], responses["after"])]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -989,14 +1037,17 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()   # keep the terminal for our own progress bar and metrics
     try:
         check_config(cfg)
+        if cfg.eval_only:
+            print(json.dumps({k: v for k, v in evaluate_model(cfg).items() if k != "responses"}, indent=1))
+            return 0
         summary = train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     b, a = summary["before"], summary["after"]
     if a:
-        print("\nheld-out prompts (fixed negatives from the initial model):")
-        for key in a:
+        print(f"\n{summary['n_eval']} held-out prompts (negatives fixed: written once by the initial model):")
+        for key in (k for k in a if k.startswith("eval/")):
             print(f"  {key:34s} before {b[key]: .4f}   after {a[key]: .4f}" if b else f"  {key:34s} after {a[key]: .4f}")
     print(f"final policy: {summary['final_dir']}")
     return 0
