@@ -38,6 +38,13 @@ Where this file departs from the paper or the authors' code (github.com/yinyueqi
   - Chosen responses are never truncated (as the authors); examples whose prompt + response exceed
     --max-length, or whose prompt exceeds --max-prompt-length, are skipped and counted.
   - Generation is one batched, KV-cached `generate` call per step for the whole fresh batch.
+  - The baselines are configurations of the same loop (`method_recipe`), not second loops: sft (NLL only),
+    offline dpo / orpo (the dataset's own `rejected`, no buffer), spin (a frozen copy of the policy
+    regenerates every response whole at the start of each of --spin-iterations iterations inside one run;
+    uclaml/SPIN ran each iteration as a separate job).
+  - Evaluation (ours, not the paper's benchmarks): held-out per-token log-prob of y+, preference accuracy
+    against negatives written once by the initial model, and, for rows that carry verifiable constraints
+    (the bundled IFEval-lite data), greedy-decoding instruction-following accuracy.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -61,6 +69,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise here
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Config: one dataclass; each field's `help` is its --help text.
@@ -649,7 +660,8 @@ def evaluate_model(cfg: Config) -> dict:
     result = {"model": cfg.model, "eval_dataset": source, "n_prompts": len(examples),
               "eval/logps_chosen_per_token": (torch.cat(logps) / torch.cat(counts)).mean().item()}
     if any(e.constraints for e in examples):
-        result.update(instruction_following(model, tok, examples, stop_token_ids(model, tok), cfg.eval_max_new_tokens))
+        result.update(instruction_following(model, tok, examples, stop_token_ids(model, tok), cfg.eval_max_new_tokens,
+                                            max(cfg.batch_size, 16)))
     return result
 
 
@@ -886,7 +898,7 @@ def train(cfg: Config) -> dict:
     elif eval_tuples:
         before = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size)
         if any(e.constraints for e in eval_examples):
-            before.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, cfg.batch_size))
+            before.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, max(cfg.batch_size, 16)))
     for path in (metrics_path, samples_path):   # drop lines from steps after the checkpoint: they will be redone
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -981,7 +993,7 @@ def train(cfg: Config) -> dict:
     save_final(policy, tok, out / "final")
     after = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size) if eval_tuples else None
     if after and any(e.constraints for e in eval_examples):
-        after.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, cfg.batch_size))
+        after.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, max(cfg.batch_size, 16)))
     responses = {"before": (before or {}).pop("responses", []), "after": (after or {}).pop("responses", [])}
     summary = {"before": before, "after": after, "last": metrics, "final_dir": str(out / "final"), "n_eval": len(eval_tuples),
                "eval_responses": [{"prompt": tok.decode(e.prompt_ids, skip_special_tokens=True), "before": b, "after": a}
