@@ -281,7 +281,9 @@ def parse_row(row, where: str) -> tuple[list[dict], str, str | None]:
         if name not in row:
             raise UserError(f"{where}: field '{name}' is missing (expected {{prompt, chosen}} or {{messages}})")
     prompt = row["prompt"]
-    if isinstance(prompt, list):
+    if isinstance(row["chosen"], list) and len(row["chosen"]) > 1:   # chosen is the whole conversation (capybara):
+        prompt = _messages(row["chosen"], where, "chosen")[:-1]       # x = every turn but the last, as the authors
+    elif isinstance(prompt, list):
         prompt = _messages(prompt, where, "prompt")
     else:
         prompt = [{"role": "user", "content": _text(prompt, where, "prompt")}]
@@ -400,15 +402,20 @@ def logps_from_logits(logits, targets, rows, batch_size: int):
     return torch.zeros(batch_size, device=logits.device).index_add(0, rows, token_logps)
 
 
+def response_targets(input_ids, loss_mask):
+    """(target_mask (B, T-1), targets (N,), rows (N,)): position t predicts token t+1; only response tokens count."""
+    target_mask = loss_mask[:, 1:]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    return target_mask, input_ids[:, 1:][target_mask], rows
+
+
 def sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log pi(y_t | x, y_<t) over response tokens, and their count, per sequence: (B,), (B,).
 
     The output layer runs only on the N response positions, so the one full-vocabulary tensor alive is
     (N, V), not (B, T, V): at V = 49k-128k the logits dominate memory otherwise. Sum vs mean is the
     caller's choice: DPO sums (so a shared prefix cancels), ORPO averages (sum / count)."""
-    target_mask = loss_mask[:, 1:]                                   # (B, T-1): position t predicts token t+1
-    targets = input_ids[:, 1:][target_mask]                          # (N,)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    target_mask, targets, rows = response_targets(input_ids, loss_mask)   # (B, T-1), (N,), (N,)
     if _head_only_ok(model):
         h = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         logits = model.get_output_embeddings()(h[:, :-1][target_mask])                             # (N, V)
@@ -581,10 +588,11 @@ def autocast(cfg: Config, device):
     return contextlib.nullcontext()
 
 
-def preference_logps(model, batch: list[dict], pad_id: int, device):
-    """One concatenated forward over [y+ rows; y- rows]: returns (sum+, sum-, n+, n-), each (B,)."""
+def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=None):
+    """One concatenated forward over [y+ rows; y- rows]: returns (sum+, sum-, n+, n-), each (B,).
+    logps_fn(model, **collated) defaults to sequence_logps (scale/ passes its torchtune twin)."""
     pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
-    logps, counts = sequence_logps(model, **collate(pairs, pad_id, device))
+    logps, counts = (logps_fn or sequence_logps)(model, **collate(pairs, pad_id, device))
     B = len(batch)
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
@@ -606,9 +614,14 @@ def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict]
         loss, log_odds, r_pos, r_neg = orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll, cfg.orpo_lambda)
         extra = {"nll_loss": nll.item(), "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
                  "log_odds_chosen": log_odds.mean().item()}
-    return loss, {"loss": loss.item(), "rewards/chosen": r_pos.mean().item(), "rewards/rejected": r_neg.mean().item(),
-                  "rewards/margins": (r_pos - r_neg).mean().item(), "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
-                  "logps/chosen": pi_pos.detach().mean().item(), "logps/rejected": pi_neg.detach().mean().item(), **extra}
+    return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+
+
+def preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra=None) -> dict:
+    """The names TRL and torchtune users know."""
+    return {"loss": loss.item(), "rewards/chosen": r_pos.mean().item(), "rewards/rejected": r_neg.mean().item(),
+            "rewards/margins": (r_pos - r_neg).mean().item(), "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
+            "logps/chosen": pi_pos.detach().mean().item(), "logps/rejected": pi_neg.detach().mean().item(), **(extra or {})}
 
 
 @torch.no_grad()

@@ -246,6 +246,9 @@ def test_row_formats():
     assert p == msgs[:-1] and c == "D." and r is None
     p, c, r = sapo.parse_row({"prompt": msgs[:2], "chosen": [{"role": "assistant", "content": "B."}]}, "f:3")
     assert p == msgs[:2] and c == "B."
+    # capybara-style: `prompt` is the first user turn only, `chosen`/`rejected` are whole conversations
+    p, c, r = sapo.parse_row({"prompt": "A?", "chosen": msgs[1:], "rejected": msgs[1:4] + [{"role": "assistant", "content": "E."}]}, "f:4")
+    assert p == msgs[1:4] and c == "D." and r == "E."
 
 
 def test_multi_turn_prompt_holds_every_turn(llama):

@@ -1,0 +1,462 @@
+"""Tests for scale/: the torchtune recipe against sapo.py, on CPU.
+
+What is compared, and how tightly (measured on the 2-core dev machine, fp32):
+  - Parity. `tune run --nproc_per_node 2` (gloo, FSDP2, activation checkpointing) on the tiny Llama-3 of
+    scale/tiny.py with batch_size 2 per process, against `sapo.train` in this process on the same
+    transformers folder, data and seed with --batch-size 4 (same global batch). top_k = 1 makes the
+    negatives greedy, so transformers' generate (sapo.py) and our KV-cached loop pick the same tokens; the
+    truncation points and buffer samples come from the same seeded random.Random in both. Per step:
+    loss, logps/chosen, logps/rejected, rewards/margins, grad_norm; measured gaps ~1e-6 relative
+    (asserted 1e-4 relative). Final policy / EMA / reference weights, the recipe's loaded back with
+    transformers: max gap ~1e-6 (asserted 1e-4). DPO over 3 steps with gradient accumulation 2 and a
+    reference refresh at step 2; ORPO over 3 steps. One process with batch_size 4 matches the 2 processes.
+  - Resume. The DPO run above saved steps 2 and 3; a copy with step 3 removed is resumed on 2 processes:
+    step 3 reproduces the uninterrupted run exactly (asserted 1e-9; measured 0) and so do the weights.
+    LoRA (one process): the same with steps 1-3 and a resume from 2.
+  - LoRA (the LoRA config's bf16-mixed, on CPU): step 1's DPO loss is log 2 (the reference is the base with
+    adapters disabled and LoRA starts at B = 0); after the refresh the policy and reference differ; the EMA
+    adapters saved at step 2 are exactly 0.5 * EMA(1) + 0.5 * policy(1); the refreshed reference equals the
+    EMA; the merged policy loads in transformers and its v_proj / o_proj weights are base + (alpha / rank) * B @ A
+    (to bf16 rounding).
+  - Non-finite steps: the recipe run in this process with a NaN loss injected at step 2 skips that optimizer
+    step (policy saved after step 2 == after step 1, bit for bit), counts it and goes on.
+  - Pieces, in process: torchtune log-probs == sapo.sequence_logps on the transformers model (1e-4 relative
+    on sums of ~100 tokens); greedy KV-cached segments == transformers' generate; per-row seeded sampling does
+    not depend on the batch; the top-k / top-p kept sets == transformers' warpers; the tiktoken tokenizer
+    (a file the test writes) gives the same ids as transformers' tokenizer and chat template on all bundled
+    rows; the SentencePiece (Mistral) split of x / y+.
+  - Configs: every YAML passes torchtune's config.validate and the recipe's check_config; the 7-8B configs
+    build their models and FSDP2 sharding plan on the meta device (no memory, no weights).
+  - GPU: one tiny bf16-mixed run, skipped without CUDA.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sapo  # noqa: E402
+from scale import tiny  # noqa: E402
+
+pytest.importorskip("torchtune")
+from omegaconf import OmegaConf  # noqa: E402
+
+from scale import sapo_recipe as R  # noqa: E402
+
+CONFIGS = ROOT / "scale" / "configs"
+DATA = ROOT / "data" / "ifeval_lite_train.jsonl"
+BIG = ["llama3_8b_sapo_dpo.yaml", "mistral_7b_sapo_orpo.yaml", "llama3_8b_sapo_dpo_lora.yaml"]
+# the tiny run, as sapo.py flags (tiny_cpu.yaml: batch_size 2 per process x 2 processes, accumulation 2)
+SAPO_FLAGS = dict(dataset=str(DATA), eval_dataset=str(DATA), eval_size=0, batch_size=4, grad_accum=2, max_length=384,
+                  max_prompt_length=256, segment_len=16, lr=1e-3, ref_update_steps=2, top_k=1, warmup_ratio=0.1,
+                  schedule="linear", max_grad_norm=1.0, optimizer="adamw", save_steps=0, num_samples=4, seed=0)
+COMPARED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny.make_tiny_llama3(tmp_path_factory.mktemp("tiny_llama3"))
+
+
+def tune_run(config: Path, nproc: int, timeout: int = 300, **overrides) -> str:
+    """`tune run` the recipe from the repository root (it wants the recipe path relative); returns the log."""
+    cmd = ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + \
+          ["scale/sapo_recipe.py", "--config", str(config)] + [f"{k}={v}" for k, v in overrides.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tune = Path(sys.executable).with_name("tune")
+    cmd[0] = str(tune) if tune.exists() else cmd[0]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
+    return out
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def assert_close(a: float, b: float, rel: float, what: str):
+    assert abs(a - b) <= rel * max(1.0, abs(a), abs(b)), f"{what}: {a} vs {b}"
+
+
+def hf_state(folder: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def safetensors_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def max_gap(a: dict, b: dict) -> float:
+    common = [k for k in a if k in b and not k.endswith("rotary_emb.inv_freq")]
+    assert len(common) >= len(a) - 1, (sorted(a)[:4], sorted(b)[:4])
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in common)
+
+
+def sapo_train(out: Path, model_dir: Path, **flags) -> Path:
+    cfg = sapo.Config(model=str(model_dir), output_dir=str(out), **{**SAPO_FLAGS, **flags})
+    sapo.train(cfg)
+    return out
+
+
+def tiny_torchtune_model(model_dir: Path, tmp: Path):
+    """The tiny model as torchtune's llama3, loaded with torchtune's HF checkpointer, with output selection."""
+    from torchtune.models.llama3 import llama3
+    from torchtune.training import FullModelHFCheckpointer
+    ck = FullModelHFCheckpointer(checkpoint_dir=str(model_dir), checkpoint_files=["model.safetensors"],
+                                 model_type="LLAMA3", output_dir=str(tmp / "tt_out"))
+    model = llama3(vocab_size=tiny.TINY_VOCAB, **tiny.TINY_MODEL)
+    model.load_state_dict(ck.load_checkpoint()["model"])
+    R.enable_position_selection(model)
+    return model.eval()
+
+
+def tiny_tokenizer(model_dir: Path):
+    from torchtune.models.llama3 import llama3_tokenizer
+    return llama3_tokenizer(str(model_dir / "original" / "tokenizer.model"), special_tokens_path=str(model_dir / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_tiktoken_tokenizer_matches_transformers(tiny_dir):
+    """The tiny tiktoken file (written by scale/tiny.py) through torchtune's Llama3Tokenizer gives the ids that
+    sapo.py gets from transformers' tokenizer + Llama-3 chat template, on every bundled row, with the same skips."""
+    from transformers import AutoTokenizer
+    tt = tiny_tokenizer(tiny_dir)
+    hf = AutoTokenizer.from_pretrained(tiny_dir)
+    ours, skipped = R.load_examples(str(DATA), "train", tt, 384, 256)
+    theirs = sapo.load_examples(str(DATA), hf, 384, 256, verbose=False)
+    assert skipped == 400 - len(theirs) and len(ours) == len(theirs) > 300
+    for a, b in zip(ours, theirs):
+        assert a.prompt_ids == b.prompt_ids and a.chosen_ids == b.chosen_ids
+    assert ours[0].chosen_ids[-1] == tt.eot_id == hf.eos_token_id      # y+ ends with end-of-turn
+    assert ours[0].prompt_ids[0] == tt.bos_id and tt.decode(ours[0].prompt_ids[-4:], skip_special_tokens=False).endswith("<|end_header_id|>\n\n")
+    assert sorted(tt.stop_tokens) == sorted(sapo.stop_token_ids(sapo.load_model_and_tokenizer(str(tiny_dir))[0], hf))
+
+
+def test_sentencepiece_tokenizer_split(tmp_path):
+    """Mistral's SentencePiece tokenizer: x is [BOS] [INST] prompt [/INST], y+ the response and </s>, and
+    x + y+ is exactly what torchtune's tokenize_messages writes."""
+    spm = pytest.importorskip("sentencepiece")
+    from torchtune.data import Message
+    from torchtune.models.mistral import mistral_tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join((tiny.CORPUS + ["[INST] Explain this. [/INST] Sure."]) * 5))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=120,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    tok = mistral_tokenizer(str(tmp_path / "spm.model"))
+    prompt, chosen = [{"role": "user", "content": "Explain tea."}], "Tea is brewed with hot water."
+    e = R.encode_example(tok, prompt, chosen)
+    full, _ = tok.tokenize_messages([Message("user", "Explain tea.", masked=True), Message("assistant", chosen)])
+    assert e.prompt_ids + e.chosen_ids == full
+    assert e.prompt_ids[0] == tok.bos_id and e.chosen_ids[-1] == tok.eos_id
+    assert tok.decode(e.chosen_ids[:-1]).strip() == chosen and "[/INST]" in tok.decode(e.prompt_ids)
+
+
+# ----------------------------------------------------------------------------- log-probs and generation
+
+def test_logps_match_sapo_sequence_logps(tiny_dir, tmp_path):
+    """Per-sequence summed log-probs of response tokens: torchtune model with the output layer at response
+    positions only (scale) == transformers model (sapo.sequence_logps), same collate and masks."""
+    hf_model, hf_tok = sapo.load_model_and_tokenizer(str(tiny_dir))
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:5]
+    batch = [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.chosen_ids[: 7 + 3 * i]}
+             for i, e in enumerate(ex)]
+    with torch.no_grad():
+        a = R.preference_logps(tt_model, batch, hf_tok.pad_token_id, "cpu")
+        b = sapo.preference_logps(hf_model, batch, hf_tok.pad_token_id, "cpu")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-3)
+
+
+def test_greedy_segments_match_transformers_generate(tiny_dir, tmp_path):
+    """top_k = 1 in our KV-cached loop (left padding, torchtune masks and positions) == transformers' greedy
+    generate via sapo.generate_segments, on contexts of different lengths, up to and including the first stop."""
+    hf_model, hf_tok = sapo.load_model_and_tokenizer(str(tiny_dir))
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:4]
+    contexts = [e.prompt_ids + e.chosen_ids[: 5 * i] for i, e in enumerate(ex)]
+    new = [12, 5, 12, 9]
+    stop = sapo.stop_token_ids(hf_model, hf_tok)
+    ours = R.generate_segments(tt_model, contexts, new, max(new), hf_tok.pad_token_id, stop, [0] * 4, top_k=1)
+    theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, do_sample=False)
+
+    def upto_stop(s):
+        return next((s[: i + 1] for i, t in enumerate(s) if t in stop), s)
+    assert [upto_stop(s) for s in ours] == [upto_stop(s) for s in theirs]
+    assert [len(s) for s in ours] == new
+
+
+def test_sampling_is_seeded_per_row(tiny_dir, tmp_path):
+    """A row's sampled segment depends on its seed, not on the other rows of the batch (so not on the number
+    of processes either); different seeds give different segments."""
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    tok = tiny_tokenizer(tiny_dir)
+    a, b = tok.encode("Tea is brewed", add_eos=False), tok.encode("The water cycle moves water between", add_eos=False)
+    kw = dict(pad_id=tok.pad_id, stop_ids=tok.stop_tokens, temperature=0.7, top_p=0.95, top_k=50)
+    both = R.generate_segments(tt_model, [a, b], [10, 10], 10, seeds=[11, 22], **kw)
+    alone = R.generate_segments(tt_model, [b], [10], 10, seeds=[22], **kw)
+    other = R.generate_segments(tt_model, [b], [10], 10, seeds=[23], **kw)
+    assert both[1] == alone[0] and alone[0] != other[0]
+
+
+def test_sampling_filters_match_transformers():
+    """The kept set of temperature + top-k + top-p is transformers' (TopKLogitsWarper, TopPLogitsWarper), and
+    the exponential race draws from the renormalised kept probabilities."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 40, generator=g) * 3
+    for top_k, top_p in [(0, 0.9), (5, 1.0), (10, 0.5), (50, 0.95)]:
+        ours = R.sampling_probs(logits, 0.7, top_k, top_p) > 0
+        x = TemperatureLogitsWarper(0.7)(None, logits.clone())
+        if top_k:
+            x = TopKLogitsWarper(top_k)(None, x)
+        if top_p < 1:
+            x = TopPLogitsWarper(top_p)(None, x)
+        assert torch.equal(ours, x > float("-inf")), (top_k, top_p)
+    row = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    noise = torch.empty(20000, 4).exponential_(1, generator=g)
+    draws = R.sample_next(row, noise, 1.0, 0, 0.7)                      # top-p 0.7 keeps {0, 1}: 0.625 / 0.375
+    assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.625) < 0.015
+    assert set(R.sample_next(row, noise, 1.0, 1, 1.0).tolist()) == {0}   # top_k 1: greedy
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_config_validates(name):
+    from torchtune import config
+    cfg = OmegaConf.load(CONFIGS / name)
+    config.validate(cfg)        # every _component_ resolves and its arguments bind
+    R.check_config(cfg)         # every key the recipe reads, with its constraint
+    head = (CONFIGS / name).read_text().split("\n\n")[0]
+    assert "tune run" in head and "scale/sapo_recipe.py" in head and f"scale/configs/{name}" in head
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_big_configs_build_and_shard_on_meta(name, one_process_group):
+    """The 7-8B models (policy, and the frozen EMA/reference) are built by their configured builders on the meta
+    device and get the recipe's FSDP2 plan (prepare_model with shard=True): every parameter a DTensor, every
+    layer and the custom-sharded embeddings/output an FSDP unit, activation checkpointing on the policy only."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from torchtune import config, training
+    from torchtune.modules import TransformerSelfAttentionLayer
+    cfg = OmegaConf.load(CONFIGS / name)
+    lora = R.is_lora(cfg.model)
+    for trainable in (True, False):
+        with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        R.prepare_model(model, cfg, trainable=trainable, shard=True)
+        params = list(model.named_parameters())
+        assert all(p.is_meta and isinstance(p, DTensor) for _, p in params)
+        n = sum(p.numel() for _, p in params if "lora" not in _)
+        assert n == {"mistral": 7_241_732_096}.get(name.split("_")[0], 8_030_261_248)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == len(model.layers) + len(cfg.custom_sharded_layers or []) + 1
+        checkpointed = any("_checkpoint_wrapped_module" in n for n, _ in params)
+        assert checkpointed == trainable and not isinstance(model.layers[0], TransformerSelfAttentionLayer) == trainable
+        trained = [n for n, p in params if p.requires_grad]
+        if lora:   # adapters only, in fp32 under bf16-mixed
+            assert trained and all("lora" in n for n in trained)
+            assert all(p.dtype == torch.float32 for n, p in params if "lora" in n)
+            assert sum(p.numel() for n, p in params if "lora" in n) == 19_660_800        # rank 8 on q, v, output_proj and the MLP, 32 layers
+            break
+        assert (len(trained) == len(params)) == trainable
+
+
+# ----------------------------------------------------------------------------- runs: parity and resume
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_dir, tmp_path_factory):
+    """The tiny SAPO-DPO run on 2 gloo processes (tiny_cpu.yaml, greedy negatives), and sapo.py on the same."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp / "recipe", top_k=1)
+    sapo_train(tmp / "sapo", tiny_dir, method="sapo-dpo", max_steps=3)
+    return tmp / "recipe", tmp / "sapo"
+
+
+def test_distributed_dpo_matches_sapo_py(dpo_runs):
+    recipe, ref = dpo_runs
+    a, b = metrics(recipe / "metrics.jsonl"), metrics(ref / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference at step 1
+    assert a[-1]["loss"] < a[0]["loss"] - 0.05                         # and the losses move
+    for x, y in zip(a, b):
+        for k in COMPARED:
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+    assert [s["rejected_marked"] for s in map(json.loads, open(recipe / "samples.jsonl"))] == \
+           [s["rejected_marked"] for s in map(json.loads, open(ref / "samples.jsonl"))]
+    # weights: the recipe's transformers folders (torchtune's HF checkpointer) vs sapo.py's final model / checkpoint
+    assert max_gap(hf_state(recipe / "policy" / "epoch_3"), hf_state(ref / "final")) < 1e-4
+    ckpt = ref / "checkpoints" / "step-00000003"
+    for name in ("ema", "ref"):
+        assert max_gap(hf_state(recipe / name / "epoch_3"), safetensors_state(ckpt / f"{name}.safetensors")) < 1e-4
+
+
+def test_one_process_matches_two_processes(dpo_runs, tmp_path, tiny_dir):
+    """The unsharded path (one process, batch_size 4) computes what 2 sharded processes with batch_size 2 do."""
+    recipe, _ = dpo_runs
+    tune_run(CONFIGS / "tiny_cpu.yaml", 1, model_dir=tiny_dir, output_dir=tmp_path / "one", top_k=1, batch_size=4,
+             save_every_n_steps=0)
+    for x, y in zip(metrics(recipe / "metrics.jsonl"), metrics(tmp_path / "one" / "metrics.jsonl"), strict=True):
+        for k in COMPARED:
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+
+
+def test_resume_continues_like_an_uninterrupted_run(dpo_runs, tmp_path, tiny_dir):
+    """Checkpoint at step 2 of the run above (policy, EMA, reference, optimizer, buffer, data position, RNG,
+    step); a crash after step 2 is a copy without step 3. Resuming on 2 processes reproduces step 3, which
+    starts from the reference refreshed at step 2."""
+    recipe, _ = dpo_runs
+    out = tmp_path / "resumed"
+    shutil.copytree(recipe, out)
+    for name in ("policy", "ema", "ref"):
+        shutil.rmtree(out / name / "epoch_3")
+    (out / "recipe_state" / "step_3.pt").unlink()
+    log = tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=out, top_k=1, resume_from_checkpoint=True)
+    assert "resuming from" in log and "step_2.pt" in log
+    a, b = metrics(recipe / "metrics.jsonl"), metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3]                         # lines after the checkpoint are rewritten
+    for x, y in zip(a[2:], b[2:]):
+        for k in COMPARED + ("rewards/chosen", "lr", "buffer/size"):
+            assert abs(x[k] - y[k]) <= 1e-9, (x["step"], k, x[k], y[k])
+    for name in ("policy", "ema", "ref"):
+        assert max_gap(hf_state(recipe / name / "epoch_3"), hf_state(out / name / "epoch_3")) <= 1e-9
+
+
+def test_distributed_orpo_matches_sapo_py(tiny_dir, tmp_path):
+    """SAPO-ORPO: the NLL's token mean runs over the global batch (all-reduced count), so 2 processes match one."""
+    tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp_path / "recipe", top_k=1,
+             method="sapo-orpo", max_steps=3, gradient_accumulation_steps=1, save_every_n_steps=0)
+    sapo_train(tmp_path / "sapo", tiny_dir, method="sapo-orpo", max_steps=3, grad_accum=1)
+    a, b = metrics(tmp_path / "recipe" / "metrics.jsonl"), metrics(tmp_path / "sapo" / "metrics.jsonl")
+    assert len(a) == len(b) == 3 and a[-1]["loss"] < a[0]["loss"]
+    for x, y in zip(a, b):
+        for k in COMPARED + ("nll_loss", "log_odds_ratio"):
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+    assert not (tmp_path / "recipe" / "ref").exists()                 # ORPO has no reference
+
+
+def test_nonfinite_step_is_skipped(tiny_dir, tmp_path, one_process_group, monkeypatch):
+    """The recipe in this process (one-process group): a NaN loss injected at step 2 skips that optimizer step
+    (the policy saved after step 2 is the one after step 1), is counted, and training goes on."""
+    from safetensors.torch import load_file
+    cfg = OmegaConf.load(CONFIGS / "tiny_cpu.yaml")
+    cfg.update(model_dir=str(tiny_dir), output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2,
+               gradient_accumulation_steps=1, save_every_n_steps=1, keep_last_n_checkpoints=3)
+    recipe = R.SAPORecipe(cfg)
+    recipe.setup(cfg)
+    clean_loss = recipe._loss
+
+    def poisoned(batch):
+        loss, m = clean_loss(batch)
+        if recipe.step == 1:                                           # during step 2
+            loss, m["loss"] = loss * float("nan"), float("nan")
+        return loss, m
+    monkeypatch.setattr(recipe, "_loss", poisoned)
+    recipe.train()
+    m = metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [x["nonfinite/skipped"] for x in m] == [0, 1, 1] and math.isfinite(m[2]["loss"])
+    w = [load_file(str(tmp_path / "run" / "policy" / f"epoch_{s}" / "model-00001-of-00001.safetensors")) for s in (1, 2, 3)]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]) and not all(torch.equal(w[1][k], w[2][k]) for k in w[0])
+    recipe._prune(keep=1)                                              # keep_last_n_checkpoints: the newest stays
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "recipe_state").iterdir()] == ["step_3.pt"]
+    assert sorted(p.name for p in (run / "policy").iterdir()) == sorted(p.name for p in (run / "ema").iterdir()) == ["epoch_3"]
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def tiny_lora_config(tmp: Path) -> Path:
+    """tiny_cpu.yaml with the LoRA settings and dtype of llama3_8b_sapo_dpo_lora.yaml (bf16-mixed: bf16 base,
+    fp32 adapters, bf16 autocast, which runs on CPU too) on the tiny shapes."""
+    cfg = OmegaConf.load(CONFIGS / "tiny_cpu.yaml")
+    lora = OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo_lora.yaml").model
+    model = OmegaConf.to_container(cfg.model)
+    model["_component_"] = "torchtune.models.llama3.lora_llama3"
+    for k in ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha", "lora_dropout"):
+        model[k] = lora[k]
+    cfg.model = model
+    cfg.update(max_steps=3, save_every_n_steps=1, keep_last_n_checkpoints=3, gradient_accumulation_steps=1,
+               dtype=OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo_lora.yaml").dtype)
+    OmegaConf.save(cfg, tmp / "tiny_lora.yaml")
+    return tmp / "tiny_lora.yaml"
+
+
+def test_lora_one_process(tiny_dir, tmp_path):
+    config = tiny_lora_config(tmp_path)
+    out = tmp_path / "lora"
+    tune_run(config, 1, model_dir=tiny_dir, output_dir=out)
+    m = metrics(out / "metrics.jsonl")
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and m[0]["rewards/margins"] == 0.0
+    assert m[-1]["loss"] < m[0]["loss"] - 0.01
+    # step 3 compares the policy with the refreshed reference (EMA adapters swapped into the same module):
+    # they differ (a shared autocast region once made them equal through autocast's cast cache)
+    assert abs(m[2]["rewards/margins"]) > 1e-3
+
+    def adapters(name, step):
+        return torch.load(out / name / f"epoch_{step}" / "adapter_model.pt", weights_only=True)
+    ema1, ema2, pol1 = adapters("ema", 1), adapters("ema", 2), adapters("policy", 1)
+    assert ema2.keys() == pol1.keys() and all("lora" in k for k in ema2)
+    for k in ema2:                                                     # theta_ema <- 0.5 theta_ema + 0.5 theta, adapters only
+        torch.testing.assert_close(ema2[k], 0.5 * ema1[k] + 0.5 * pol1[k], rtol=0, atol=1e-7)
+    assert not (out / "ref" / "epoch_1").exists()                      # before the first refresh: base, adapters off
+    ref2 = adapters("ref", 2)
+    assert all(torch.equal(ref2[k], ema2[k]) for k in ema2)            # refresh at step 2: reference <- EMA
+    assert not list((out / "ema" / "epoch_2").glob("model-*.safetensors"))
+    assert all(v.dtype == torch.float32 for v in pol1.values())          # adapters trained in fp32
+    # the merged policy loads in transformers: W = W_base + (alpha / rank) * B @ A, in the base's bf16 (v_proj
+    # and o_proj keep their layout between torchtune and transformers)
+    merged, base, pol3 = hf_state(out / "policy" / "epoch_3"), hf_state(tiny_dir), adapters("policy", 3)
+    scale = 16 / 8
+    for tt_name, hf_name in (("attn.v_proj", "self_attn.v_proj"), ("attn.output_proj", "self_attn.o_proj")):
+        for i in range(2):
+            delta = scale * pol3[f"layers.{i}.{tt_name}.lora_b.weight"] @ pol3[f"layers.{i}.{tt_name}.lora_a.weight"]
+            key = f"model.layers.{i}.{hf_name}.weight"
+            assert delta.abs().max() > 2e-3                                # a few bf16 steps at these weights
+            expected = (base[key].bfloat16() + delta).bfloat16().float()
+            torch.testing.assert_close(merged[key], expected, rtol=0, atol=0)
+    # resume from step 2 (LoRA adapters, EMA and reference adapters, optimizer) reproduces step 3
+    resumed = tmp_path / "lora_resumed"
+    shutil.copytree(out, resumed)
+    for name in ("policy", "ema", "ref"):
+        shutil.rmtree(resumed / name / "epoch_3")
+    (resumed / "recipe_state" / "step_3.pt").unlink()
+    tune_run(config, 1, model_dir=tiny_dir, output_dir=resumed, resume_from_checkpoint=True)
+    x, y = m[-1], metrics(resumed / "metrics.jsonl")[-1]
+    assert y["step"] == 3 and all(abs(x[k] - y[k]) <= 1e-9 for k in COMPARED)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_mixed_run(tiny_dir, tmp_path):
+    """The tiny config on CUDA in bf16-mixed (fp32 master weights, bf16 EMA/reference, bf16 autocast);
+    NCCL with 2 processes when there are 2 GPUs."""
+    nproc = min(2, torch.cuda.device_count())
+    tune_run(CONFIGS / "tiny_cpu.yaml", nproc, model_dir=tiny_dir, output_dir=tmp_path / "gpu", device="cuda",
+             dtype="bf16-mixed", batch_size=4 // nproc, max_steps=3)
+    m = metrics(tmp_path / "gpu" / "metrics.jsonl")
+    assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m) and m[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)
