@@ -1,0 +1,825 @@
+"""Speed and memory of sapo.py's training step on this machine, in one run, against TRL and against the limit.
+
+    pip install torch==2.13.0 -r bench/requirements-perf.txt     # TRL, for the peer comparison (not a project dependency)
+    python bench/perf.py            # full run (the figures in bench/PERF.md); ~10 minutes on 2 idle cores
+    python bench/perf.py --quick    # tiny settings, one repetition: checks that everything runs (tests/test_perf.py)
+
+Same model (SmolLM2-135M-Instruct, fp32 weights, CPU), same batch (rows of data/ifeval_lite_train.jsonl
+tokenised by sapo.load_examples, real lengths) everywhere. It measures:
+
+1. our offline DPO step (exactly what `sapo.py --method dpo` runs: sapo.batch_loss("dpo") + backward +
+   clip + AdamW) against TRL's DPOTrainer.training_step (+ the same clip + AdamW) on the same token ids,
+   alternating the two so that machine drift cancels; medians; tokens/s = real (unpadded) tokens per second;
+2. a SAPO step, broken down in sapo.py's loop order: EMA update, segment generation (sapo.make_negatives,
+   HF generate with KV cache), replay buffer push/sample, reference forward, policy forward, backward,
+   optimizer step; and its time / our DPO step's time, in fp32 and bf16-mixed (sapo.autocast);
+3. utilization: model FLOPs of the step / step time / dense matmul FLOP/s measured here at the model's
+   shapes (best of a few torch.matmul calls), for fp32 and bf16; and how far bf16-mixed losses are from fp32;
+4. memory: peak RSS of a SAPO training process (a child process, so TRL and the other copies here do not
+   count) against the floor policy + gradients + AdamW state + EMA + reference, plus one batch of activations.
+
+Model FLOPs are the work the step needs, whoever does it: per real token 2*N_body (the transformer
+blocks' weights) plus causal attention 2*L*T*d, and the output layer 2*d*V only at positions whose next token
+is scored (completion tokens); x3 for the policy's forward+backward, x1 for the reference forward. Padding,
+prompt-position logits and recomputation are not counted, so work a trainer wastes lowers its utilization.
+
+Prints the command line first, then markdown tables; writes bench/perf_results.json (--out).
+Nothing here changes sapo.py: its functions are imported and timed; `sapo.preference_logps` is wrapped, in
+this process only, to time the policy and reference forwards separately.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import sapo  # noqa: E402
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    flags, model = set(), platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem = 0.0
+    try:
+        mem = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1]) * 1024 / GB
+    except (OSError, StopIteration):
+        pass
+    import transformers
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "isa_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "ram_gb": round(mem, 1),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": _trl_version(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()[0]}
+
+
+def _trl_version():
+    try:
+        import trl
+        return trl.__version__
+    except ImportError:
+        return None
+
+
+def rss_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024 / GB
+    return float("nan")
+
+
+def peak_rss_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024 / GB
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:   # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- data and FLOPs
+
+def load_batch(args, tok) -> tuple[list[dict], list]:
+    """batch_size rows of the training file (seeded pick), tokenised by sapo.load_examples, as replay tuples
+    whose negative is the dataset's `rejected` (what `--method dpo` trains on)."""
+    lines = [l if l.endswith("\n") else l + "\n" for l in open(args.dataset, encoding="utf-8") if l.strip()]
+    order = list(range(len(lines)))
+    random.Random(args.seed).shuffle(order)
+    examples = []
+    for start in range(0, len(order), 4 * args.batch_size):    # tokenise only as many rows as needed
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as fh:
+            fh.writelines(lines[i] for i in order[start: start + 4 * args.batch_size])
+        try:
+            examples += sapo.load_examples(fh.name, tok, args.max_length, args.max_prompt_length, verbose=False)
+        except sapo.UserError:   # every row of this chunk too long
+            pass
+        finally:
+            os.unlink(fh.name)
+        examples = [e for e in examples if e.rejected_ids and len(e.prompt_ids) + len(e.rejected_ids) <= args.max_length]
+        if len(examples) >= args.batch_size:
+            break
+    examples = examples[: args.batch_size]
+    if len(examples) < args.batch_size:
+        raise SystemExit(f"{args.dataset}: fewer than {args.batch_size} usable rows with a 'rejected' response")
+    return [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids, "t": 0,
+             "segment_len": len(e.rejected_ids), "times_sampled": 0} for e in examples], examples
+
+
+def rows_of(batch) -> list[tuple[int, int]]:
+    """(sequence length, scored completion tokens) of the 2B rows sapo.preference_logps runs."""
+    return ([(len(b["prompt_ids"]) + len(b["chosen_ids"]), len(b["chosen_ids"])) for b in batch]
+            + [(len(b["prompt_ids"]) + len(b["rejected_ids"]), len(b["rejected_ids"])) for b in batch])
+
+
+def batch_stats(batch) -> dict:
+    rows = rows_of(batch)
+    real = sum(T for T, _ in rows)
+    padded = len(rows) * max(T for T, _ in rows)
+    return {"rows": len(rows), "real_tokens": real, "padded_tokens": padded, "completion_tokens": sum(C for _, C in rows),
+            "max_len": max(T for T, _ in rows), "mean_len": real / len(rows), "real_fraction": real / padded}
+
+
+def model_shape(model) -> dict:
+    c = model.config
+    n_total = sum(p.numel() for p in model.parameters())
+    n_body = sum(p.numel() for p in model.base_model.layers.parameters() if p.dim() == 2)
+    return {"n_params": n_total, "n_body": n_body, "layers": c.num_hidden_layers, "d_model": c.hidden_size,
+            "d_ff": c.intermediate_size, "vocab": c.vocab_size, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def forward_flops(rows, shape) -> float:
+    """FLOPs of one forward over the rows: blocks on every real token, causal attention, output layer on scored positions."""
+    L, d, V, N = shape["layers"], shape["d_model"], shape["vocab"], shape["n_body"]
+    return sum(2 * N * T + 2 * L * d * T * T + 2 * d * V * C for T, C in rows)
+
+
+def dpo_step_flops(batch, shape) -> float:
+    return 4 * forward_flops(rows_of(batch), shape)   # policy forward + backward (3x) + reference forward (1x)
+
+
+# --------------------------------------------------------------------------------------------- matmul peak
+
+def matmul_peak(shape, M: int, Mc: int, dtype, reps: int, head_rows: int = 512, min_time: float = 0.25) -> dict:
+    """Best-of FLOP/s of the matmuls a training step runs, at the model's shapes: M = tokens of a batch,
+    Mc = scored positions. Forward y = F.linear(x, W); backward dx = dy @ W and dW = dy^T @ x."""
+    d, f, V = shape["d_model"], shape["d_ff"], shape["vocab"]
+    Mh = min(Mc, head_rows)
+    cases = {f"fwd {M}x{d} @ ({f}x{d})^T gate/up": ("linear", M, d, f), f"fwd {M}x{f} @ ({d}x{f})^T down": ("linear", M, f, d),
+             f"fwd {M}x{d} @ ({d}x{d})^T q/o": ("linear", M, d, d), f"dx {M}x{f} @ {f}x{d} gate/up": ("dx", M, d, f),
+             f"dW ({M}x{f})^T @ {M}x{d} gate/up": ("dw", M, d, f), f"fwd {Mh}x{d} @ ({V}x{d})^T output layer": ("linear", Mh, d, V)}
+    out, g = {}, torch.Generator().manual_seed(0)
+    for name, (kind, m, k, n) in cases.items():
+        x = torch.randn(m, k, generator=g).to(dtype)           # activations
+        w = torch.randn(n, k, generator=g).to(dtype)           # weight, (out, in) as nn.Linear stores it
+        dy = torch.randn(m, n, generator=g).to(dtype)          # output gradient
+        op = {"linear": lambda: torch.nn.functional.linear(x, w), "dx": lambda: dy @ w, "dw": lambda: dy.t() @ x}[kind]
+        t = time.perf_counter()
+        op()                                                  # warm-up (oneDNN/MKL primitive creation)
+        best, spent, n_runs = time.perf_counter() - t, 0.0, 0
+        while n_runs < reps and (spent < 20 * min_time or n_runs == 0) and not (best > 2.0 and n_runs >= 1):
+            t = time.perf_counter()
+            op()
+            dt = time.perf_counter() - t
+            best, spent, n_runs = min(best, dt), spent + dt, n_runs + 1
+        out[name] = 2 * m * k * n / best
+        del x, w, dy
+    body = {k: v for k, v in out.items() if "output layer" not in k}
+    return {"peak_flops": max(body.values()), "output_layer_flops": next(v for k, v in out.items() if "output layer" in k),
+            "by_shape_flops": out}
+
+
+# --------------------------------------------------------------------------------------------- timed steps
+
+_FORWARD_TIME: dict[str, float] = {}
+_original_preference_logps = sapo.preference_logps
+
+
+def _timed_preference_logps(model, batch, pad_id, device):
+    """sapo.preference_logps, timed: the policy's (grad on) and the reference's (no grad) forwards apart."""
+    key = "policy_forward" if torch.is_grad_enabled() else "ref_forward"
+    t = time.perf_counter()
+    out = _original_preference_logps(model, batch, pad_id, device)
+    _FORWARD_TIME[key] = _FORWARD_TIME.get(key, 0.0) + time.perf_counter() - t
+    return out
+
+
+sapo.preference_logps = _timed_preference_logps    # batch_loss looks it up at call time; this process only
+
+
+def our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device) -> dict:
+    """What sapo.train runs per step for --method dpo (grad_accum 1): loss, backward, clip, optimizer step."""
+    _FORWARD_TIME.clear()
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with sapo.autocast(cfg, device):
+        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    opt.step()
+    t3 = time.perf_counter()
+    return {"ref_forward": _FORWARD_TIME["ref_forward"], "policy_forward": _FORWARD_TIME["policy_forward"],
+            "loss_math": t1 - t0 - _FORWARD_TIME["ref_forward"] - _FORWARD_TIME["policy_forward"],
+            "backward": t2 - t1, "optimizer": t3 - t2, "forward_backward": t2 - t0, "step": t3 - t0,
+            "loss": m["loss"], "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"]}
+
+
+def trl_step(trainer, inputs, opt, max_grad_norm) -> dict:
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss = trainer.training_step(trainer.model, inputs)
+    t1 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_grad_norm)
+    opt.step()
+    t2 = time.perf_counter()
+    return {"forward_backward": t1 - t0, "optimizer": t2 - t1, "step": t2 - t0, "loss": float(loss)}
+
+
+def sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, device) -> dict:
+    """One SAPO-DPO step in sapo.train's order (grad_accum 1): EMA update, negatives for the fresh batch,
+    push, sample, loss (reference + policy forward), backward, clip, optimizer step."""
+    _FORWARD_TIME.clear()
+    t0 = time.perf_counter()
+    sapo.ema_update(ema, policy, cfg.ema_decay)
+    t1 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with sapo.autocast(cfg, device):
+        tuples = sapo.make_negatives(ema, fresh, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
+                                     cfg.temperature, cfg.top_p, cfg.top_k)
+    t2 = time.perf_counter()
+    buffer.push(tuples)
+    batch = buffer.sample(cfg.batch_size, rng)
+    t3 = time.perf_counter()
+    with sapo.autocast(cfg, device):
+        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+    t4 = time.perf_counter()
+    loss.backward()
+    t5 = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    opt.step()
+    t6 = time.perf_counter()
+    return {"ema_update": t1 - t0, "generation": t2 - t1, "buffer": t3 - t2,
+            "ref_forward": _FORWARD_TIME["ref_forward"], "policy_forward": _FORWARD_TIME["policy_forward"],
+            "loss_math": t4 - t3 - _FORWARD_TIME["ref_forward"] - _FORWARD_TIME["policy_forward"],
+            "backward": t5 - t4, "optimizer": t6 - t5, "step": t6 - t0,
+            "gen_tokens": sum(t["segment_len"] for t in tuples), "loss_tokens": batch_stats(batch)["real_tokens"],
+            "loss": m["loss"]}
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def medians(runs: list[dict]) -> dict:
+    return {k: median_of(runs, k) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
+# --------------------------------------------------------------------------------------------- TRL
+
+def make_trl_trainer(init_model, tok, batch, args, workdir):
+    """TRL's DPOTrainer on copies of the same weights, fp32 on the CPU, default DPO (sigmoid) loss, beta as ours."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    policy = copy.deepcopy(init_model).train()
+    ref = copy.deepcopy(init_model).eval()
+    if getattr(policy, "hf_quantizer", None) is not None:     # a GGUF-loaded model keeps a quantized flag
+        policy.hf_quantizer.remove_quantization_config(policy)
+    text = lambda ids: tok.decode(ids)  # noqa: E731  (only to build the required train_dataset; ids are fed below)
+    ds = Dataset.from_list([{"prompt": text(b["prompt_ids"]), "chosen": text(b["chosen_ids"]),
+                             "rejected": text(b["rejected_ids"])} for b in batch])
+    config = DPOConfig(output_dir=str(workdir), bf16=False, use_cpu=True, gradient_checkpointing=False,
+                       per_device_train_batch_size=len(batch), max_length=None, beta=args.beta,
+                       learning_rate=args.lr, report_to=[], logging_steps=10**9, save_strategy="no",
+                       disable_tqdm=True, seed=args.seed, dataloader_num_workers=0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)   # the optimizer ours uses, on TRL's policy
+    threads = torch.get_num_threads()
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=ds, processing_class=tok,
+                         optimizers=(opt, None))
+    torch.set_num_threads(threads)
+    trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train's loop, which is not run here
+    inputs = trainer.data_collator([{k: b[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for b in batch])
+    return trainer, inputs, opt
+
+
+# --------------------------------------------------------------------------------------------- memory (child process)
+
+def activation_bytes(cfg, policy, ref, batch, pad_id, device) -> int:
+    """Bytes autograd saves for backward in one policy forward of the batch (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sapo.autocast(cfg, device):
+        loss, _ = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+    del loss
+    return sum(seen.values())
+
+
+def memory_child(args) -> dict:
+    """A process that holds exactly what SAPO-DPO training holds, and runs SAPO steps: its peak RSS."""
+    base = rss_gb()
+    cfg = make_config(args, args.memory_child)
+    device = torch.device("cpu")
+    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    batch, examples = load_batch(args, tok)
+    pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
+    policy.train()
+    ema = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = sapo.make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+    act = activation_bytes(cfg, policy, ref, batch, pad_id, device)
+    gc.collect()
+    setup = rss_gb()
+    reset_ok = reset_peak_rss()
+    buffer, rng = sapo.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    for _ in range(2):   # the first step creates AdamW's state; the second runs with everything allocated
+        sapo_step(cfg, policy, ema, ref, opt, buffer, examples, rng, pad_id, stop_ids, device)
+    shape = model_shape(policy)
+    state = sum(p.numel() * p.element_size() for p in policy.parameters())   # policy weights
+    state += sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
+    state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    state += 2 * shape["param_bytes"]                                          # EMA + reference
+    return {"runtime_baseline_gb": base, "after_setup_gb": setup, "peak_rss_gb": peak_rss_gb(), "peak_reset": reset_ok,
+            "floor_gb": state / GB, "activations_gb": act / GB}
+
+
+def run_memory_child(args, precision: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", precision, "--batch-size", str(args.batch_size),
+           "--segment-len", str(args.segment_len), "--seed", str(args.seed), "--dataset", args.dataset, "--model", args.model,
+           "--lr", str(args.lr), "--threads", str(args.threads), "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+    if res.returncode != 0 or not lines:
+        raise SystemExit(f"memory child failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    m = json.loads(lines[-1])
+    m["bound_gb"] = 1.3 * m["floor_gb"] + m["activations_gb"]
+    m["peak_over_floor"] = m["peak_rss_gb"] / m["floor_gb"]
+    return m
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+def make_config(args, precision: str) -> sapo.Config:
+    return sapo.Config(method="dpo", batch_size=args.batch_size, segment_len=args.segment_len, precision=precision,
+                       max_length=args.max_length, max_prompt_length=args.max_prompt_length, lr=args.lr, beta=args.beta, seed=args.seed, device="cpu", model=args.model)
+
+
+def reset(model, state):
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    res: dict = {"command": args.command, "mode": "quick" if args.quick else "full", "machine": machine_info()}
+    torch.manual_seed(args.seed)
+    device = torch.device("cpu")
+    log("loading model")
+    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    policy.train()
+    init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
+    batch, examples = load_batch(args, tok)
+    shape = model_shape(policy)
+    stats = batch_stats(batch)
+    flops = dpo_step_flops(batch, shape)
+    res["settings"] = {k: getattr(args, k) for k in ("batch_size", "segment_len", "reps", "warmup", "lr", "beta", "seed",
+                                                     "max_length", "dataset")}
+    res["model"] = {"name": args.model, **shape}
+    res["batch"] = stats
+    res["flops"] = {"dpo_step": flops, "per_real_token": flops / stats["real_tokens"],
+                    "policy_per_real_token_6N": 6 * shape["n_body"], "note": "policy fwd+bwd = 3x forward, reference = 1x"}
+
+    # 3a. the matmul peaks at this batch's shapes
+    log("matmul peaks")
+    res["matmul"] = {name: matmul_peak(shape, stats["padded_tokens"], stats["completion_tokens"], dt, args.matmul_reps,
+                                 head_rows=64 if args.quick else 512)
+                     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+    # 1. our DPO step vs TRL's, alternating
+    cfg32 = make_config(args, "fp32")
+    opt = sapo.make_optimizer(cfg32, policy.parameters())
+    ours, trl_runs, trl_res = [], [], None
+    if not args.no_trl:
+        log("TRL DPOTrainer setup")
+        with tempfile.TemporaryDirectory() as wd:
+            trainer, inputs, trl_opt = make_trl_trainer(policy, tok, batch, args, wd)
+            assert inputs["input_ids"].shape == (stats["rows"], stats["max_len"]), inputs["input_ids"].shape
+            assert int(inputs["attention_mask"].sum()) == stats["real_tokens"]
+            for r in range(args.warmup + args.reps):
+                order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
+                for who in order:
+                    log(f"DPO step {r + 1}/{args.warmup + args.reps}: {who}")
+                    if who == "ours":
+                        ours.append(our_dpo_step(cfg32, policy, ref, opt, batch, pad_id, device))
+                    else:
+                        trl_runs.append(trl_step(trainer, inputs, trl_opt, cfg32.max_grad_norm))
+            del trainer, inputs, trl_opt
+        gc.collect()
+    else:
+        for r in range(args.warmup + args.reps):
+            log(f"DPO step {r + 1}/{args.warmup + args.reps}: ours")
+            ours.append(our_dpo_step(cfg32, policy, ref, opt, batch, pad_id, device))
+    fp32_losses = [o["loss"] for o in ours]
+    o_med = medians(ours[args.warmup:])
+    res["dpo"] = {"ours": {**o_med, "tokens_per_s": stats["real_tokens"] / o_med["step"],
+                           "utilization_fp32": flops / o_med["step"] / res["matmul"]["fp32"]["peak_flops"]},
+                  "ours_runs": [o["step"] for o in ours], "losses_ours": fp32_losses}
+    if trl_runs:
+        t_med = medians(trl_runs[args.warmup:])
+        res["dpo"]["trl"] = {**t_med, "tokens_per_s": stats["real_tokens"] / t_med["step"],
+                             "utilization_fp32": flops / t_med["step"] / res["matmul"]["fp32"]["peak_flops"]}
+        res["dpo"]["trl_runs"] = [t["step"] for t in trl_runs]
+        res["dpo"]["losses_trl"] = [t["loss"] for t in trl_runs]
+        res["dpo"]["speedup_step"] = t_med["step"] / o_med["step"]                   # = ours tokens/s / TRL tokens/s
+        res["dpo"]["speedup_forward_backward"] = t_med["forward_backward"] / o_med["forward_backward"]
+        # the same optimizer on the same weights: losses agree step by step (fp noise only)
+        res["dpo"]["max_abs_loss_diff_vs_trl"] = max(abs(a - b) for a, b in zip(fp32_losses, res["dpo"]["losses_trl"]))
+
+    # 3b. bf16-mixed. Without bf16 matmul units (no AMX / AVX512-BF16) bf16 runs many times slower than fp32; then
+    # it is timed once, on the first --bf16-pairs pairs (default 2), against fp32 steps on those same pairs.
+    res["bf16_slower_than_fp32_matmul"] = slow16 = res["matmul"]["bf16"]["peak_flops"] < res["matmul"]["fp32"]["peak_flops"]
+    bf16_reps, bf16_warmup = (1, 0) if slow16 else (args.bf16_reps, args.warmup)
+    nb = min(args.bf16_pairs or (2 if slow16 else args.batch_size), args.batch_size)
+    batch16, examples16 = batch[:nb], examples[:nb]
+    stats16, flops16 = batch_stats(batch16), dpo_step_flops(batch16, shape)
+    res["settings"].update(bf16_reps_run=bf16_reps, bf16_pairs=nb)
+    if nb < args.batch_size:
+        log(f"fp32 DPO steps on the {nb} pairs that bf16-mixed runs")
+        small = [our_dpo_step(cfg32, policy, ref, opt, batch16, pad_id, device) for _ in range(1 + max(1, args.reps // 2))]
+        o16_med = medians(small[1:])
+    else:
+        o16_med, small = o_med, []
+    # the loss at the current weights (trained, so the DPO loss is not log 2) in fp32, then bf16-mixed steps from the
+    # same weights: the first one's loss and log-probs are compared with fp32's
+    with torch.no_grad():
+        _, m32 = sapo.batch_loss("dpo", cfg32, policy, ref, batch16, pad_id, device)
+    cfg16 = make_config(args, "bf16-mixed")
+    opt16 = sapo.make_optimizer(cfg16, policy.parameters())
+    opt16.load_state_dict(copy.deepcopy(opt.state_dict()))   # AdamW state allocated, as in a running training
+    bf = []
+    for r in range(bf16_warmup + bf16_reps):
+        log(f"bf16-mixed DPO step {r + 1}/{bf16_warmup + bf16_reps} ({nb} pairs)")
+        bf.append(our_dpo_step(cfg16, policy, ref, opt16, batch16, pad_id, device))
+    b_med = medians(bf[bf16_warmup:])
+    res["dpo"]["bf16_mixed"] = {**b_med, "pairs": nb, "tokens_per_s": stats16["real_tokens"] / b_med["step"],
+                                "utilization_bf16": flops16 / b_med["step"] / res["matmul"]["bf16"]["peak_flops"],
+                                "fp32_step_same_pairs": o16_med["step"], "speedup_vs_fp32": o16_med["step"] / b_med["step"]}
+    loss_diff = abs(bf[0]["loss"] - m32["loss"])
+    logp_rel = max(abs(bf[0]["logps_chosen"] - m32["logps/chosen"]) / abs(m32["logps/chosen"]),
+                   abs(bf[0]["logps_rejected"] - m32["logps/rejected"]) / abs(m32["logps/rejected"]))
+    res["precision"] = {"after_fp32_steps": len(ours) + (len(small) if nb < args.batch_size else 0),
+                        "pairs": nb, "loss_fp32": m32["loss"], "loss_bf16_mixed": bf[0]["loss"],
+                        "logps_fp32": [m32["logps/chosen"], m32["logps/rejected"]],
+                        "logps_bf16_mixed": [bf[0]["logps_chosen"], bf[0]["logps_rejected"]],
+                        "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
+                        "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
+                        "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}
+    del opt16
+
+    # 2. SAPO steps, broken down, fp32 then bf16-mixed, each from the initial weights (AdamW state allocated)
+    res["sapo"], opt_state = {}, opt.state_dict()
+    for prec, cfg, dpo_med in (("fp32", cfg32, o_med), ("bf16-mixed", cfg16, b_med)):
+        reset(policy, init_state)
+        ema = copy.deepcopy(policy).eval().requires_grad_(False)
+        opt = sapo.make_optimizer(cfg, policy.parameters())
+        opt.load_state_dict(copy.deepcopy(opt_state))
+        buffer, rng = sapo.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), random.Random(args.seed)
+        torch.manual_seed(args.seed)
+        n = args.warmup + args.reps if prec == "fp32" else bf16_warmup + bf16_reps
+        fresh, dpo_tokens = (examples, stats["real_tokens"]) if prec == "fp32" else (examples16, stats16["real_tokens"])
+        cfg = dataclasses.replace(cfg, batch_size=len(fresh))
+        runs = []
+        for r in range(n):
+            log(f"SAPO step {r + 1}/{n} ({prec}, {len(fresh)} pairs)")
+            runs.append(sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, device))
+        t = time.perf_counter()
+        sapo.copy_weights(ref, ema)       # the reference refresh (once per epoch of prompts), amortized below
+        refresh = time.perf_counter() - t
+        reset(ref, init_state)            # back to the initial weights for the next precision
+        s_med = medians(runs[min(args.warmup if prec == "fp32" else bf16_warmup, n - 1):])
+        steps_per_epoch = math.ceil(args.epoch_prompts / args.batch_size)
+        train_part = s_med["ref_forward"] + s_med["policy_forward"] + s_med["loss_math"] + s_med["backward"]
+        equal = s_med["step"] - train_part * (1 - dpo_tokens / s_med["loss_tokens"])
+        res["sapo"][prec] = {**s_med, "pairs": len(fresh), "ref_refresh_per_step": refresh / steps_per_epoch,
+                             "gen_tokens_per_s": s_med["gen_tokens"] / s_med["generation"],
+                             "ratio_to_dpo": s_med["step"] / dpo_med["step"],
+                             "ratio_to_dpo_equal_tokens": equal / dpo_med["step"]}
+        del ema, opt, buffer
+        gc.collect()
+
+    # 4. memory, in child processes that hold only what SAPO training holds
+    log("memory child (fp32)")
+    res["memory"] = {"fp32": run_memory_child(args, "fp32")}
+
+    d, s, mem = res["dpo"], res["sapo"], res["memory"]
+    res["goals"] = {
+        "dpo_ge_2x_trl_tokens_per_s": d["speedup_step"] >= 2.0 if "trl" in d else None,
+        "sapo_le_1.4x_dpo_fp32": s["fp32"]["ratio_to_dpo"] <= 1.4,
+        "utilization_fp32_ge_60pct": d["ours"]["utilization_fp32"] >= 0.6,
+        "utilization_bf16_ge_40pct": d["bf16_mixed"]["utilization_bf16"] >= 0.4,
+        "peak_memory_le_1.3x_floor_plus_activations": mem["fp32"]["peak_rss_gb"] <= mem["fp32"]["bound_gb"],
+        "bf16_mixed_losses_within_tolerance": res["precision"]["within_tolerance"]}
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+# --------------------------------------------------------------------------------------------- levers (--levers)
+
+def _common_prefix(a, b) -> int:
+    k = 0
+    for u, v in zip(a, b):
+        if u != v:
+            break
+        k += 1
+    return k
+
+
+def prefix_shared_preference_logps(model, batch, pad_id, device):
+    """A lever, proposed for sapo.preference_logps: same outputs (sum+, sum-, n+, n-), but one row per tuple,
+    [x, y+[:k], y+[k:], y-[k:]] with k = the common prefix of y+ and y- (SAPO: >= t), so the shared prefix is
+    computed once. y-[k:] attends to the shared prefix and to itself (a 4D additive mask), with positions continuing
+    after the prefix. Needs a model that honours a 4D mask and position_ids (sapo.py would check once per model)."""
+    dtype = next(model.parameters()).dtype
+    B, rows, meta = len(batch), [], []
+    for b in batch:
+        x, yp, yn = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
+        k = min(_common_prefix(yp, yn), len(yp) - 1, len(yn) - 1)
+        rows.append(x + yp + yn[k:])
+        meta.append((len(x), k, len(yp) - k, len(yn) - k))
+    T = max(len(r) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    allow = torch.zeros((B, T, T), dtype=torch.bool)
+    h_idx, tgt, row, to_pos, to_neg = [], [], [], [], []
+    for i, (r, (P, k, Cc, Rr)) in enumerate(zip(rows, meta)):
+        S = P + k                                                     # shared: x + y+[:k]
+        ids[i, : len(r)] = torch.tensor(r)
+        pos[i, : S + Cc] = torch.arange(S + Cc)
+        pos[i, S + Cc: S + Cc + Rr] = torch.arange(S, S + Rr)
+        allow[i, : S + Cc, : S + Cc] = torch.ones(S + Cc, S + Cc, dtype=torch.bool).tril()
+        allow[i, S + Cc: S + Cc + Rr, :S] = True
+        allow[i, S + Cc: S + Cc + Rr, S + Cc: S + Cc + Rr] = torch.ones(Rr, Rr, dtype=torch.bool).tril()
+        allow[i, torch.arange(len(r), T), torch.arange(len(r), T)] = True    # padding attends to itself only
+        for j in range(k):            # the shared part of the responses counts for both y+ and y-
+            h_idx.append(P - 1 + j), tgt.append(r[P + j]), row.append(i), to_pos.append(True), to_neg.append(True)
+        for j in range(Cc):
+            h_idx.append(S - 1 + j), tgt.append(r[S + j]), row.append(i), to_pos.append(True), to_neg.append(False)
+        for j in range(Rr):           # y-'s first own token is predicted from the last shared position
+            h_idx.append(S - 1 if j == 0 else S + Cc + j - 1), tgt.append(r[S + Cc + j]), row.append(i)
+            to_pos.append(False), to_neg.append(True)
+    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+    t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+    h_idx, tgt, row, to_pos, to_neg = t(h_idx), t(tgt), t(row), t(to_pos, torch.bool), t(to_neg, torch.bool)
+    h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).last_hidden_state
+    token_logps = -torch.nn.functional.cross_entropy(model.get_output_embeddings()(h[row, h_idx]).float(), tgt, reduction="none")
+    zeros = torch.zeros(B, device=token_logps.device)
+    return (zeros.index_add(0, row[to_pos], token_logps[to_pos]), zeros.index_add(0, row[to_neg], token_logps[to_neg]),
+            t([len(b["chosen_ids"]) for b in batch]), t([len(b["rejected_ids"]) for b in batch]))
+
+
+def prefix_shared_tokens(batch) -> tuple[int, int]:
+    rows = [len(b["prompt_ids"]) + len(b["chosen_ids"]) + len(b["rejected_ids"])
+            - min(_common_prefix(b["chosen_ids"], b["rejected_ids"]), len(b["chosen_ids"]) - 1, len(b["rejected_ids"]) - 1)
+            for b in batch]
+    return sum(rows), len(rows) * max(rows)
+
+
+def run_levers(args) -> dict:
+    """A/B the levers on our fp32 DPO step, alternating (rotating order) on the same batch and weights: sapo.py as it
+    is; prefix sharing (prefix_shared_preference_logps in place of sapo.preference_logps); fused AdamW; both."""
+    global _original_preference_logps      # what the timed wrapper of sapo.preference_logps calls
+    res: dict = {"command": args.command, "mode": "levers", "machine": machine_info()}
+    device = torch.device("cpu")
+    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    policy.train()
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    batch, _ = load_batch(args, tok)
+    stats, pad_id = batch_stats(batch), tok.pad_token_id
+    cfg = make_config(args, "fp32")
+    with torch.no_grad():                                 # the lever computes the same numbers
+        a = _original_preference_logps(policy, batch, pad_id, device)
+        b = prefix_shared_preference_logps(policy, batch, pad_id, device)
+    real, padded = prefix_shared_tokens(batch)
+    res["batch"] = {**stats, "prefix_shared_real_tokens": real, "prefix_shared_padded_tokens": padded}
+    res["prefix_sharing_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
+    fused = lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # noqa: E731
+    configs = {"sapo.py as is": (_original_preference_logps, sapo.make_optimizer(cfg, policy.parameters())),
+               "prefix sharing": (prefix_shared_preference_logps, sapo.make_optimizer(cfg, policy.parameters())),
+               "fused AdamW": (_original_preference_logps, fused()),
+               "prefix sharing + fused AdamW": (prefix_shared_preference_logps, fused())}
+    keep, runs = _original_preference_logps, {k: [] for k in configs}
+    names = list(configs)
+    try:
+        for r in range(args.warmup + args.reps):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                log(f"lever round {r + 1}/{args.warmup + args.reps}: {name}")
+                _original_preference_logps, opt = configs[name]
+                out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
+                if r >= args.warmup:
+                    runs[name].append(out)
+    finally:
+        _original_preference_logps = keep
+    base = medians(runs["sapo.py as is"])["step"]
+    res["levers"] = {k: {**medians(v), "tokens_per_s": stats["real_tokens"] / medians(v)["step"],
+                         "speedup": base / medians(v)["step"]} for k, v in runs.items()}
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
+    return res
+
+
+def report_levers(res) -> str:
+    m, b = res["machine"], res["batch"]
+    out = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average "
+           f"{m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
+           f"batch: {b['rows'] // 2} pairs; tokens through the model: {b['real_tokens']} real / {b['padded_tokens']} padded as "
+           f"{b['rows']} rows; with prefix sharing {b['prefix_shared_real_tokens']} real / {b['prefix_shared_padded_tokens']} "
+           f"padded as {b['rows'] // 2} rows; log-prob sums agree to {res['prefix_sharing_max_abs_logps_diff']:.1e}", "",
+           "| our fp32 DPO step | forward+backward s | optimizer s | step s | real tokens/s | speedup |", "|---|---|---|---|---|---|"]
+    for k, v in res["levers"].items():
+        out.append(f"| {k} | {v['forward_backward']:.2f} | {v['optimizer']:.2f} | {v['step']:.2f} | {v['tokens_per_s']:.0f} | "
+                   f"{v['speedup']:.2f}x |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def g(x, unit=1e9):
+    return f"{x / unit:.1f}"
+
+
+def report(res) -> str:
+    m, b, d, s, mem, mm = res["machine"], res["batch"], res["dpo"], res["sapo"], res["memory"], res["matmul"]
+    out = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_cpu_capability']}, "
+           f"{m['torch_threads']} threads), ISA {'/'.join(m['isa_flags']) or '-'}, transformers {m['transformers']}, "
+           f"TRL {m['trl']}; load average {m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end; {res['wall_s']:.0f} s",
+           f"model: {res['model']['name']} fp32, {res['model']['n_params'] / 1e6:.1f} M parameters "
+           f"({res['model']['n_body'] / 1e6:.1f} M in the blocks); batch: {res['settings']['batch_size']} pairs = {b['rows']} rows, "
+           f"{b['real_tokens']} real tokens ({b['completion_tokens']} scored), padded to {b['rows']}x{b['max_len']} "
+           f"({100 * b['real_fraction']:.0f}% real); medians of {res['settings']['reps']} runs after {res['settings']['warmup']} warm-up",
+           f"model FLOPs per real token: {res['flops']['per_real_token'] / 1e9:.2f} GFLOP (policy fwd+bwd + reference fwd; "
+           f"6N_body alone = {res['flops']['policy_per_real_token_6N'] / 1e9:.2f})", ""]
+    out += ["**1. Offline DPO step: ours vs TRL DPOTrainer (fp32, same token ids, alternating)**", "",
+            "| | ours: sapo.batch_loss('dpo') | TRL 1.16 DPOTrainer.training_step | TRL / ours |", "|---|---|---|---|"]
+    o, t = d["ours"], d.get("trl")
+    rows = [("forward + backward (incl. reference forward), s", "forward_backward", "{:.2f}"),
+            ("clip + AdamW step, s", "optimizer", "{:.2f}"), ("whole step, s", "step", "{:.2f}")]
+    for label, key, fmt in rows:
+        out.append(f"| {label} | {fmt.format(o[key])} | {fmt.format(t[key]) if t else '-'} | "
+                   f"{t[key] / o[key]:.2f}x |" if t else f"| {label} | {fmt.format(o[key])} | - | - |")
+    if t:
+        out.append(f"| real tokens/s (whole step) | {o['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                   f"ours {d['speedup_step']:.2f}x faster |")
+        out.append(f"| utilization of fp32 matmul peak | {100 * o['utilization_fp32']:.0f}% | {100 * t['utilization_fp32']:.0f}% | |")
+        out.append(f"| losses step by step (max abs diff) | | | {d['max_abs_loss_diff_vs_trl']:.1e} |")
+    nb = d["bf16_mixed"]["pairs"]
+    out += ["", "**2. SAPO step, broken down (medians, s)**", "",
+            f"| part | fp32, {s['fp32']['pairs']} pairs | bf16-mixed, {s['bf16-mixed']['pairs']} pairs |", "|---|---|---|"]
+    parts = [("EMA update", "ema_update"), ("segment generation (make_negatives, KV cache)", "generation"),
+             ("replay buffer push + sample", "buffer"), ("reference forward", "ref_forward"),
+             ("policy forward", "policy_forward"), ("loss math (DPO, metrics)", "loss_math"), ("backward", "backward"),
+             ("optimizer (clip + AdamW)", "optimizer"), ("reference refresh, per step (1/epoch)", "ref_refresh_per_step"),
+             ("**SAPO step**", "step")]
+    for label, key in parts:
+        out.append(f"| {label} | {s['fp32'][key]:.3f} | {s['bf16-mixed'][key]:.3f} |")
+    out.append(f"| generated tokens (tokens/s) | {s['fp32']['gen_tokens']:.0f} ({s['fp32']['gen_tokens_per_s']:.0f}/s) | "
+               f"{s['bf16-mixed']['gen_tokens']:.0f} ({s['bf16-mixed']['gen_tokens_per_s']:.0f}/s) |")
+    out.append(f"| our DPO step (section 1 / 3) | {o['step']:.3f} | {d['bf16_mixed']['step']:.3f} |")
+    out.append(f"| **SAPO step / DPO step** | {s['fp32']['ratio_to_dpo']:.2f} | {s['bf16-mixed']['ratio_to_dpo']:.2f} |")
+    out.append(f"| same, loss part scaled to the DPO batch's tokens ({s['fp32']['loss_tokens']:.0f} vs {b['real_tokens']}) | "
+               f"{s['fp32']['ratio_to_dpo_equal_tokens']:.2f} | {s['bf16-mixed']['ratio_to_dpo_equal_tokens']:.2f} |")
+    p = res["precision"]
+    out += ["", "**3. Against the limit (our DPO step)**", "",
+            f"| | fp32, {b['rows'] // 2} pairs | bf16-mixed (fp32 master weights), {nb} pairs |", "|---|---|---|",
+            f"| dense matmul peak here, GFLOP/s (best shape) | {g(mm['fp32']['peak_flops'])} | {g(mm['bf16']['peak_flops'])} |",
+            f"| output-layer matmul, GFLOP/s | {g(mm['fp32']['output_layer_flops'])} | {g(mm['bf16']['output_layer_flops'])} |",
+            f"| DPO step, s | {o['step']:.2f} | {d['bf16_mixed']['step']:.2f} |",
+            f"| real tokens/s | {o['tokens_per_s']:.0f} | {d['bf16_mixed']['tokens_per_s']:.0f} |",
+            f"| achieved model GFLOP/s | {g(res['flops']['dpo_step'] / o['step'])} | "
+            f"{g(d['bf16_mixed']['utilization_bf16'] * mm['bf16']['peak_flops'])} |",
+            f"| **utilization** of that precision's peak | {100 * o['utilization_fp32']:.0f}% | {100 * d['bf16_mixed']['utilization_bf16']:.0f}% |",
+            f"| speed vs fp32 on the same pairs | 1.00x | {d['bf16_mixed']['speedup_vs_fp32']:.2f}x (fp32: "
+            f"{d['bf16_mixed']['fp32_step_same_pairs']:.2f} s) |",
+            f"| same batch, same weights (after {p['after_fp32_steps']} fp32 steps): DPO loss | {p['loss_fp32']:.4f} | "
+            f"{p['loss_bf16_mixed']:.4f}: abs diff {p['max_abs_loss_diff']:.1e} "
+            f"(tol {p['tolerance']['abs_loss']:g}); sequence log-probs max rel diff {p['max_rel_logps_diff']:.1e} "
+            f"(tol {p['tolerance']['rel_logps']:g}) |"]
+    out += ["", "**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference)**", "",
+            "| | fp32 |", "|---|---|"]
+    for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward), GB", "activations_gb"),
+                       ("python + torch runtime before the model, GB", "runtime_baseline_gb"),
+                       ("**peak RSS**, GB", "peak_rss_gb"), ("goal bound 1.3 x floor + activations, GB", "bound_gb"),
+                       ("peak / floor", "peak_over_floor")):
+        out.append(f"| {label} | {mem['fp32'][key]:.2f} |")
+    if res.get("bf16_slower_than_fp32_matmul"):
+        out += ["", f"Note: bf16 matmul is slower than fp32 on this CPU (no AMX / AVX512-BF16), so bf16-mixed was timed "
+                f"{res['settings']['bf16_reps_run']} time(s), on {nb} pairs, against fp32 on the same pairs."]
+    out += ["", "**Goals**", ""] + [f"- {k}: {'met' if v else ('n/a' if v is None else 'NOT met')}" for k, v in res["goals"].items()]
+    return "\n".join(out)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny settings, 1 repetition, no warm-up (a smoke test)")
+    ap.add_argument("--batch-size", type=int, default=None, help="preference pairs per step (default 8; --quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 5; --quick 1)")
+    ap.add_argument("--bf16-reps", type=int, default=None, help="timed bf16-mixed repetitions (default 3; --quick 1)")
+    ap.add_argument("--bf16-pairs", type=int, default=None, help="pairs for the bf16-mixed timings (default: all, or 2 "
+                    "when bf16 matmul is slower than fp32 here)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed first runs per measurement (default 1; --quick 0)")
+    ap.add_argument("--segment-len", type=int, default=None, help="SAPO segment length G (default 32, sapo.py's; --quick 8)")
+    ap.add_argument("--matmul-reps", type=int, default=None, help="timed calls per matmul shape (default 5; --quick 2)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (large enough that losses move, for the "
+                    "step-by-step comparisons; speed does not depend on it)")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=None, help="longest prompt + response kept (default 512, sapo.py's; --quick 96)")
+    ap.add_argument("--max-prompt-length", type=int, default=384)
+    ap.add_argument("--epoch-prompts", type=int, default=400, help="prompts per epoch, to amortize the reference refresh")
+    ap.add_argument("--loss-tol", type=float, default=0.02, help="bf16-mixed vs fp32: max abs DPO-loss difference allowed")
+    ap.add_argument("--logps-tol", type=float, default=0.02, help="bf16-mixed vs fp32: max relative sequence log-prob difference")
+    ap.add_argument("--dataset", default=str(sapo.BUNDLED_TRAIN))
+    ap.add_argument("--model", default=sapo.BUNDLED_MODEL)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch CPU threads (default: torch's, one per core); on a loaded machine 1 thread can be faster")
+    ap.add_argument("--levers", action="store_true", help="instead: A/B the levers (prefix sharing, fused AdamW) on our "
+                    "fp32 DPO step; writes bench/perf_levers.json unless --out")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL comparison (TRL not installed)")
+    ap.add_argument("--out", default=None, help="JSON results (default bench/perf_results.json, --levers: bench/perf_levers.json)")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    quick = {"batch_size": 2, "reps": 1, "bf16_reps": 1, "warmup": 0, "segment_len": 8, "matmul_reps": 1, "max_length": 96}
+    full = {"batch_size": 8, "reps": 5, "bf16_reps": 3, "warmup": 1, "segment_len": 32, "matmul_reps": 5, "max_length": 512}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.max_prompt_length = min(args.max_prompt_length, args.max_length - 1)
+    args.out = args.out or str(ROOT / "bench" / ("perf_levers.json" if args.levers else "perf_results.json"))
+    args.command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT) if argv is None else "bench/perf.py"]
+                            + (sys.argv[1:] if argv is None else list(argv)))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)), flush=True)
+        return 0
+    print(f"command: {args.command}", flush=True)
+    if args.levers:
+        res = run_levers(args)
+        res["report_markdown"] = text = report_levers(res)
+        print(text, flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"\nwrote {args.out}", flush=True)
+        return 0
+    if not args.no_trl and _trl_version() is None:
+        print("error: TRL is not installed: pip install torch==2.13.0 -r bench/requirements-perf.txt (or pass --no-trl)",
+              file=sys.stderr)
+        return 2
+    res = run(args)
+    text = report(res)
+    print(text, flush=True)
+    res["report_markdown"] = text
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\nwrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

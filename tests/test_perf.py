@@ -1,0 +1,69 @@
+"""bench/perf.py --quick runs end to end and reports every figure, finite and positive: behaviour, not speed.
+
+TRL is the benchmark's own requirement (bench/requirements-perf.txt), not the project's: without it, skip.
+The run uses the tiny Llama fixture (same code path as the bundled model, seconds instead of minutes);
+`python bench/perf.py --quick` on the bundled SmolLM2 is the manual smoke test.
+"""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                                reason="TRL not installed: pip install torch==2.13.0 -r bench/requirements-perf.txt")
+
+FIGURES = [
+    # 1. our DPO step vs TRL's
+    "dpo.ours.step", "dpo.ours.forward_backward", "dpo.ours.optimizer", "dpo.ours.tokens_per_s", "dpo.ours.utilization_fp32",
+    "dpo.ours.ref_forward", "dpo.ours.policy_forward", "dpo.ours.backward",
+    "dpo.trl.step", "dpo.trl.forward_backward", "dpo.trl.optimizer", "dpo.trl.tokens_per_s", "dpo.trl.utilization_fp32",
+    "dpo.speedup_step", "dpo.speedup_forward_backward",
+    # 2. a SAPO step, broken down, and its ratio to our DPO step
+    *[f"sapo.{p}.{k}" for p in ("fp32", "bf16-mixed")
+      for k in ("ema_update", "generation", "buffer", "ref_forward", "policy_forward", "backward", "optimizer", "step",
+                "gen_tokens", "gen_tokens_per_s", "ratio_to_dpo", "ratio_to_dpo_equal_tokens", "ref_refresh_per_step")],
+    # 3. against the limit, fp32 and bf16
+    "matmul.fp32.peak_flops", "matmul.bf16.peak_flops", "matmul.fp32.output_layer_flops", "matmul.bf16.output_layer_flops",
+    "flops.dpo_step", "flops.per_real_token", "dpo.bf16_mixed.step", "dpo.bf16_mixed.tokens_per_s",
+    "dpo.bf16_mixed.utilization_bf16", "dpo.bf16_mixed.speedup_vs_fp32",
+    # 4. memory
+    "memory.fp32.peak_rss_gb", "memory.fp32.floor_gb", "memory.fp32.activations_gb", "memory.fp32.bound_gb",
+    "memory.fp32.runtime_baseline_gb", "memory.fp32.peak_over_floor",
+    # the batch
+    "batch.real_tokens", "batch.padded_tokens", "batch.completion_tokens",
+]
+NON_NEGATIVE = ["dpo.max_abs_loss_diff_vs_trl", "precision.max_abs_loss_diff", "precision.max_rel_logps_diff"]
+
+
+def get(res, path):
+    for key in path.split("."):
+        res = res[key]
+    return res
+
+
+def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
+    out = tmp_path / "perf.json"
+    cmd = [sys.executable, "bench/perf.py", "--quick", "--model", str(tiny_llama_dir), "--max-length", "512", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.startswith("command: python bench/perf.py --quick --model ")
+    for section in ("**1. Offline DPO step", "**2. SAPO step", "**3. Against the limit", "**4. Memory", "**Goals**"):
+        assert section in r.stdout
+    res = json.loads(out.read_text())
+    assert res["command"].startswith("python bench/perf.py --quick")
+    for path in FIGURES:
+        value = get(res, path)
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (path, value)
+    for path in NON_NEGATIVE:
+        value = get(res, path)
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (path, value)
+    assert res["batch"]["rows"] == 2 * res["settings"]["batch_size"]
+    assert len(res["dpo"]["losses_ours"]) == len(res["dpo"]["losses_trl"]) >= 1
+    assert set(res["goals"]) >= {"dpo_ge_2x_trl_tokens_per_s", "sapo_le_1.4x_dpo_fp32", "utilization_fp32_ge_60pct",
+                                 "utilization_bf16_ge_40pct", "peak_memory_le_1.3x_floor_plus_activations"}
