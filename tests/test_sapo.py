@@ -116,6 +116,55 @@ def test_full_logits_fallback_agrees(llama):
     assert torch.allclose(head_only, full, atol=1e-5)
 
 
+def _tuples(V, rng):
+    """(x, y+, y-) tuples covering the cases: a SAPO splice, y- = y+, y- a prefix of y+, no shared response token."""
+    r = lambda n: [rng.randrange(3, V) for _ in range(n)]  # noqa: E731
+    y = r(9)
+    return [{"prompt_ids": r(4), "chosen_ids": y, "rejected_ids": y[:3] + r(4) + y[7:]},
+            {"prompt_ids": r(2), "chosen_ids": y, "rejected_ids": list(y)},
+            {"prompt_ids": r(6), "chosen_ids": y, "rejected_ids": y[:2]},
+            {"prompt_ids": r(3), "chosen_ids": r(5), "rejected_ids": r(11)}]
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_shared_prefix_rows_equal_two_rows(which, request):
+    """One row [x, y+, y-[k:]] with a 4D mask gives the two-row sums, counts and gradients (Llama: RoPE; GPT-2:
+    learned positions)."""
+    model, tok = sapo.load_model_and_tokenizer(str(request.getfixturevalue(which)))
+    model.eval()
+    batch = _tuples(model.config.vocab_size, random.Random(0))
+    assert sapo._shared_prefix_ok(model)
+    grads = []
+    for shared in (True, False):
+        model._sapo_shared_prefix = shared
+        model.zero_grad()
+        out = sapo.preference_logps(model, batch, tok.pad_token_id, "cpu")
+        (out[0] - 2 * out[1]).sum().backward()
+        grads.append((out, [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
+    assert a[2].tolist() == b[2].tolist() == [9, 9, 9, 5] and a[3].tolist() == b[3].tolist() == [9, 9, 2, 11]
+    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
+    for i, t in enumerate(batch):   # and each sum is the plain full-logits computation
+        assert a[0][i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["chosen_ids"]), abs=1e-4)
+        assert a[1][i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["rejected_ids"]), abs=1e-4)
+
+
+def test_shared_prefix_falls_back_when_the_mask_is_ignored(tiny_llama_dir):
+    """A model whose attention ignores a custom 4D mask (e.g. some fused kernels) is detected once, and gets the
+    two-row forward, so the numbers stay right."""
+    model, tok = sapo.load_model_and_tokenizer(str(tiny_llama_dir))
+    model.eval()
+    body = model.base_model.forward
+    model.base_model.forward = lambda input_ids=None, attention_mask=None, position_ids=None, **kw: body(input_ids=input_ids, **kw)
+    assert not sapo._shared_prefix_ok(model)
+    batch = _tuples(model.config.vocab_size, random.Random(1))
+    with torch.no_grad():
+        pos, neg, _, _ = sapo.preference_logps(model, batch, tok.pad_token_id, "cpu")
+    for i, t in enumerate(batch):
+        assert neg[i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["rejected_ids"]), abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # EMA
 # ---------------------------------------------------------------------------------------------------
