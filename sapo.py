@@ -38,6 +38,9 @@ Where this file departs from the paper or the authors' code (github.com/yinyueqi
   - Chosen responses are never truncated (as the authors); examples whose prompt + response exceed
     --max-length, or whose prompt exceeds --max-prompt-length, are skipped and counted.
   - Generation is one batched, KV-cached `generate` call per step for the whole fresh batch.
+  - log pi(y+|x) and log pi(y-|x) come from one row per tuple, [x, y+, y-[k:]] with a 4D attention mask, so x
+    and the shared prefix y+[:k] (k >= t for SAPO's negatives) are computed once (authors' code and TRL: two
+    padded rows). Checked once per model against the two-row forward, which is the fallback.
   - The baselines are configurations of the same loop (`method_recipe`), not second loops: sft (NLL only),
     offline dpo / orpo (the dataset's own `rejected`, no buffer), spin (a frozen copy of the policy
     regenerates every response whole at the start of each of --spin-iterations iterations inside one run;
@@ -147,7 +150,7 @@ class Config:
     # logging and checkpoints
     log_every: int = _f(1, "print a metrics line every N steps (all steps go to metrics.jsonl)")
     num_samples: int = _f(8, "example negatives written to samples.jsonl")
-    save_steps: int = _f(20, "write a resumable checkpoint every N steps (0: only at the end)")
+    save_steps: int = _f(20, "write a resumable checkpoint every N steps (0: only at the end; -1: never)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep")
     on_nonfinite: str = _f("skip", "a NaN/inf loss or gradient: skip that optimizer step (counted in metrics as "
                            "nonfinite/skipped) or stop with a message", choices=("skip", "stop"))
@@ -907,8 +910,10 @@ def method_recipe(cfg: Config) -> Recipe:
             "spin": Recipe("dpo", "frozen", True, False, "policy")}[cfg.method]
 
 
-def train(cfg: Config) -> dict:
-    """Run a method as configured; returns the before/after evaluation and the last step's metrics."""
+def train(cfg: Config, on_step=None) -> dict:
+    """Run a method as configured; returns the before/after evaluation and the last step's metrics.
+    on_step(step, policy, metrics), if given, is called after every optimizer step (and its checkpoint): a place
+    for evaluations or custom logging. It must not touch the weights or draw random numbers."""
     from tqdm.auto import tqdm
     recipe = method_recipe(cfg)
     out = Path(cfg.output_dir)
@@ -1077,8 +1082,10 @@ def train(cfg: Config) -> dict:
         bar.update(1)
         if step % cfg.log_every == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+        if cfg.save_steps >= 0 and ((cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps):
             checkpoint()
+        if on_step is not None:
+            on_step(step, policy, metrics)
     bar.close()
 
     save_final(policy, tok, out / "final")
@@ -1132,6 +1139,8 @@ def check_config(cfg: Config) -> None:
         raise UserError("--max-steps must be >= 0, and --lr and --temperature > 0")
     if cfg.max_prompt_length >= cfg.max_length:
         raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
+    if cfg.save_steps < -1:
+        raise UserError(f"--save-steps must be >= -1 (-1: never), got {cfg.save_steps}")
 
 
 def main(argv=None) -> int:

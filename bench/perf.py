@@ -30,6 +30,7 @@ this process only, to time the policy and reference forwards separately.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -142,17 +143,33 @@ def load_batch(args, tok) -> tuple[list[dict], list]:
 
 
 def rows_of(batch) -> list[tuple[int, int]]:
-    """(sequence length, scored completion tokens) of the 2B rows sapo.preference_logps runs."""
+    """(sequence length, scored completion tokens) of the 2B rows of the two-row layout, [y+ rows; y- rows] (TRL's)."""
     return ([(len(b["prompt_ids"]) + len(b["chosen_ids"]), len(b["chosen_ids"])) for b in batch]
             + [(len(b["prompt_ids"]) + len(b["rejected_ids"]), len(b["rejected_ids"])) for b in batch])
 
 
+def shared_layout(b) -> tuple[int, int, int, int]:
+    """(|x|, k, own y+ tokens, own y- tokens) of one tuple as sapo.shared_prefix_logps lays it out: one row
+    [x, y+[:k], y+[k:], y-[k:]] with k the common prefix of y+ and y- (each keeps >= 1 token of its own)."""
+    yp, yn = b["chosen_ids"], b["rejected_ids"]
+    k = 0
+    while k < min(len(yp), len(yn)) - 1 and yp[k] == yn[k]:
+        k += 1
+    return len(b["prompt_ids"]), k, len(yp) - k, len(yn) - k
+
+
 def batch_stats(batch) -> dict:
+    """Pair tokens: the real tokens of the two-row layout (the same work for every trainer, so tokens/s compare).
+    Distinct tokens: each prompt and shared prefix once, what the step needs to compute (sapo.py's layout)."""
     rows = rows_of(batch)
     real = sum(T for T, _ in rows)
     padded = len(rows) * max(T for T, _ in rows)
+    shared = [shared_layout(b) for b in batch]
+    lengths = [P + k + C + R for P, k, C, R in shared]
     return {"rows": len(rows), "real_tokens": real, "padded_tokens": padded, "completion_tokens": sum(C for _, C in rows),
-            "max_len": max(T for T, _ in rows), "mean_len": real / len(rows), "real_fraction": real / padded}
+            "max_len": max(T for T, _ in rows), "mean_len": real / len(rows), "real_fraction": real / padded,
+            "distinct_tokens": sum(lengths), "distinct_padded_tokens": len(lengths) * max(lengths),
+            "distinct_scored_tokens": sum(k + C + R for _, k, C, R in shared)}
 
 
 def model_shape(model) -> dict:
@@ -163,14 +180,21 @@ def model_shape(model) -> dict:
             "d_ff": c.intermediate_size, "vocab": c.vocab_size, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
-def forward_flops(rows, shape) -> float:
-    """FLOPs of one forward over the rows: blocks on every real token, causal attention, output layer on scored positions."""
+def forward_flops(batch, shape) -> float:
+    """FLOPs of one forward of the work a preference step needs: the blocks on every distinct token (each prompt and
+    shared response prefix once), causal attention over the (query, key) pairs it allows, the output layer at the
+    distinct scored positions. Padding, a second copy of the prompt, prompt-position logits are not counted."""
     L, d, V, N = shape["layers"], shape["d_model"], shape["vocab"], shape["n_body"]
-    return sum(2 * N * T + 2 * L * d * T * T + 2 * d * V * C for T, C in rows)
+    total = 0.0
+    for P, k, C, R in map(shared_layout, batch):
+        S = P + k                                                     # y+ attends causally; y-[k:] to x + y+[:k] and itself
+        pairs = (S + C) * (S + C + 1) / 2 + R * S + R * (R + 1) / 2
+        total += 2 * N * (S + C + R) + 4 * L * d * pairs + 2 * d * V * (k + C + R)   # QK^T and AV: 2 x 2 FLOPs per pair
+    return total
 
 
 def dpo_step_flops(batch, shape) -> float:
-    return 4 * forward_flops(rows_of(batch), shape)   # policy forward + backward (3x) + reference forward (1x)
+    return 4 * forward_flops(batch, shape)   # policy forward + backward (3x) + reference forward (1x)
 
 
 # --------------------------------------------------------------------------------------------- matmul peak
@@ -210,11 +234,11 @@ _FORWARD_TIME: dict[str, float] = {}
 _original_preference_logps = sapo.preference_logps
 
 
-def _timed_preference_logps(model, batch, pad_id, device):
+def _timed_preference_logps(model, batch, pad_id, device, **kw):
     """sapo.preference_logps, timed: the policy's (grad on) and the reference's (no grad) forwards apart."""
     key = "policy_forward" if torch.is_grad_enabled() else "ref_forward"
     t = time.perf_counter()
-    out = _original_preference_logps(model, batch, pad_id, device)
+    out = _original_preference_logps(model, batch, pad_id, device, **kw)
     _FORWARD_TIME[key] = _FORWARD_TIME.get(key, 0.0) + time.perf_counter() - t
     return out
 
@@ -349,20 +373,21 @@ def memory_child(args) -> dict:
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = sapo.make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
-    act = activation_bytes(cfg, policy, ref, batch, pad_id, device)
     gc.collect()
     setup = rss_gb()
     reset_ok = reset_peak_rss()
     buffer, rng = sapo.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), random.Random(args.seed)
     torch.manual_seed(args.seed)
-    for _ in range(2):   # the first step creates AdamW's state; the second runs with everything allocated
+    for _ in range(3):   # the first step creates AdamW's state; the later ones run with everything allocated
         sapo_step(cfg, policy, ema, ref, opt, buffer, examples, rng, pad_id, stop_ids, device)
+    peak = peak_rss_gb()
+    act = activation_bytes(cfg, policy, ref, batch, pad_id, device)   # after the peak is read: it allocates
     shape = model_shape(policy)
     state = sum(p.numel() * p.element_size() for p in policy.parameters())   # policy weights
     state += sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
     state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     state += 2 * shape["param_bytes"]                                          # EMA + reference
-    return {"runtime_baseline_gb": base, "after_setup_gb": setup, "peak_rss_gb": peak_rss_gb(), "peak_reset": reset_ok,
+    return {"runtime_baseline_gb": base, "after_setup_gb": setup, "peak_rss_gb": peak, "peak_reset": reset_ok,
             "floor_gb": state / GB, "activations_gb": act / GB}
 
 
@@ -416,12 +441,13 @@ def run(args) -> dict:
                                                      "max_length", "dataset")}
     res["model"] = {"name": args.model, **shape}
     res["batch"] = stats
-    res["flops"] = {"dpo_step": flops, "per_real_token": flops / stats["real_tokens"],
-                    "policy_per_real_token_6N": 6 * shape["n_body"], "note": "policy fwd+bwd = 3x forward, reference = 1x"}
+    res["flops"] = {"dpo_step": flops, "per_distinct_token": flops / stats["distinct_tokens"],
+                    "policy_per_token_6N": 6 * shape["n_body"],
+                    "note": "policy fwd+bwd = 3x forward, reference = 1x; distinct tokens: prompt and shared prefix once"}
 
     # 3a. the matmul peaks at this batch's shapes
     log("matmul peaks")
-    res["matmul"] = {name: matmul_peak(shape, stats["padded_tokens"], stats["completion_tokens"], dt, args.matmul_reps,
+    res["matmul"] = {name: matmul_peak(shape, stats["distinct_padded_tokens"], stats["distinct_scored_tokens"], dt, args.matmul_reps,
                                  head_rows=64 if args.quick else 512)
                      for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
@@ -465,45 +491,47 @@ def run(args) -> dict:
         # the same optimizer on the same weights: losses agree step by step (fp noise only)
         res["dpo"]["max_abs_loss_diff_vs_trl"] = max(abs(a - b) for a, b in zip(fp32_losses, res["dpo"]["losses_trl"]))
 
-    # 3b. bf16-mixed. Without bf16 matmul units (no AMX / AVX512-BF16) bf16 runs many times slower than fp32; then
-    # it is timed once, on the first --bf16-pairs pairs (default 2), against fp32 steps on those same pairs.
+    # 3b. bf16-mixed (fp32 master weights, bf16 autocast). The same steps as the fp32 ones above: same batch, from the
+    # same initial weights, a fresh AdamW, so the two loss trajectories compare step by step. Without bf16 matmul
+    # units (no AMX / AVX512-BF16) bf16 runs many times slower than fp32; then it is timed once, on the first
+    # --bf16-pairs pairs (default 2), against fp32 steps on those same pairs, and no trajectory is compared.
     res["bf16_slower_than_fp32_matmul"] = slow16 = res["matmul"]["bf16"]["peak_flops"] < res["matmul"]["fp32"]["peak_flops"]
-    bf16_reps, bf16_warmup = (1, 0) if slow16 else (args.bf16_reps, args.warmup)
     nb = min(args.bf16_pairs or (2 if slow16 else args.batch_size), args.batch_size)
-    batch16, examples16 = batch[:nb], examples[:nb]
-    stats16, flops16 = batch_stats(batch16), dpo_step_flops(batch16, shape)
+    bf16_reps, bf16_warmup = (1, 0) if slow16 else (args.reps, args.warmup)
+    batch16, stats16, flops16 = batch[:nb], batch_stats(batch[:nb]), dpo_step_flops(batch[:nb], shape)
+    examples16 = examples[:nb]
     res["settings"].update(bf16_reps_run=bf16_reps, bf16_pairs=nb)
+    fp32_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     if nb < args.batch_size:
         log(f"fp32 DPO steps on the {nb} pairs that bf16-mixed runs")
         small = [our_dpo_step(cfg32, policy, ref, opt, batch16, pad_id, device) for _ in range(1 + max(1, args.reps // 2))]
         o16_med = medians(small[1:])
     else:
-        o16_med, small = o_med, []
-    # the loss at the current weights (trained, so the DPO loss is not log 2) in fp32, then bf16-mixed steps from the
-    # same weights: the first one's loss and log-probs are compared with fp32's
-    with torch.no_grad():
-        _, m32 = sapo.batch_loss("dpo", cfg32, policy, ref, batch16, pad_id, device)
+        o16_med = o_med
+    reset(policy, init_state)
     cfg16 = make_config(args, "bf16-mixed")
     opt16 = sapo.make_optimizer(cfg16, policy.parameters())
-    opt16.load_state_dict(copy.deepcopy(opt.state_dict()))   # AdamW state allocated, as in a running training
     bf = []
     for r in range(bf16_warmup + bf16_reps):
         log(f"bf16-mixed DPO step {r + 1}/{bf16_warmup + bf16_reps} ({nb} pairs)")
         bf.append(our_dpo_step(cfg16, policy, ref, opt16, batch16, pad_id, device))
+    reset(policy, fp32_state)
     b_med = medians(bf[bf16_warmup:])
     res["dpo"]["bf16_mixed"] = {**b_med, "pairs": nb, "tokens_per_s": stats16["real_tokens"] / b_med["step"],
                                 "utilization_bf16": flops16 / b_med["step"] / res["matmul"]["bf16"]["peak_flops"],
                                 "fp32_step_same_pairs": o16_med["step"], "speedup_vs_fp32": o16_med["step"] / b_med["step"]}
-    loss_diff = abs(bf[0]["loss"] - m32["loss"])
-    logp_rel = max(abs(bf[0]["logps_chosen"] - m32["logps/chosen"]) / abs(m32["logps/chosen"]),
-                   abs(bf[0]["logps_rejected"] - m32["logps/rejected"]) / abs(m32["logps/rejected"]))
-    res["precision"] = {"after_fp32_steps": len(ours) + (len(small) if nb < args.batch_size else 0),
-                        "pairs": nb, "loss_fp32": m32["loss"], "loss_bf16_mixed": bf[0]["loss"],
-                        "logps_fp32": [m32["logps/chosen"], m32["logps/rejected"]],
-                        "logps_bf16_mixed": [bf[0]["logps_chosen"], bf[0]["logps_rejected"]],
-                        "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
-                        "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
-                        "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}
+    if nb == args.batch_size:   # step k of both runs: same batch, weights trained k-1 steps from the same start
+        loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, bf))
+        logp_rel = max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(ours, bf) for k in ("logps_chosen", "logps_rejected"))
+        res["precision"] = {"steps": len(bf), "pairs": nb, "lr": args.lr, "losses_fp32": [o["loss"] for o in ours],
+                            "losses_bf16_mixed": [b["loss"] for b in bf],
+                            "logps_fp32": [[o["logps_chosen"], o["logps_rejected"]] for o in ours],
+                            "logps_bf16_mixed": [[b["logps_chosen"], b["logps_rejected"]] for b in bf],
+                            "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
+                            "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
+                            "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}
+    else:
+        res["precision"] = None
     del opt16
 
     # 2. SAPO steps, broken down, fp32 then bf16-mixed, each from the initial weights (AdamW state allocated)
@@ -548,7 +576,7 @@ def run(args) -> dict:
         "utilization_fp32_ge_60pct": d["ours"]["utilization_fp32"] >= 0.6,
         "utilization_bf16_ge_40pct": d["bf16_mixed"]["utilization_bf16"] >= 0.4,
         "peak_memory_le_1.3x_floor_plus_activations": mem["fp32"]["peak_rss_gb"] <= mem["fp32"]["bound_gb"],
-        "bf16_mixed_losses_within_tolerance": res["precision"]["within_tolerance"]}
+        "bf16_mixed_losses_within_tolerance": res["precision"]["within_tolerance"] if res["precision"] else None}
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     res["wall_s"] = time.perf_counter() - t_start
     return res
@@ -556,69 +584,10 @@ def run(args) -> dict:
 
 # --------------------------------------------------------------------------------------------- levers (--levers)
 
-def _common_prefix(a, b) -> int:
-    k = 0
-    for u, v in zip(a, b):
-        if u != v:
-            break
-        k += 1
-    return k
-
-
-def prefix_shared_preference_logps(model, batch, pad_id, device):
-    """A lever, proposed for sapo.preference_logps: same outputs (sum+, sum-, n+, n-), but one row per tuple,
-    [x, y+[:k], y+[k:], y-[k:]] with k = the common prefix of y+ and y- (SAPO: >= t), so the shared prefix is
-    computed once. y-[k:] attends to the shared prefix and to itself (a 4D additive mask), with positions continuing
-    after the prefix. Needs a model that honours a 4D mask and position_ids (sapo.py would check once per model)."""
-    dtype = next(model.parameters()).dtype
-    B, rows, meta = len(batch), [], []
-    for b in batch:
-        x, yp, yn = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
-        k = min(_common_prefix(yp, yn), len(yp) - 1, len(yn) - 1)
-        rows.append(x + yp + yn[k:])
-        meta.append((len(x), k, len(yp) - k, len(yn) - k))
-    T = max(len(r) for r in rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    allow = torch.zeros((B, T, T), dtype=torch.bool)
-    h_idx, tgt, row, to_pos, to_neg = [], [], [], [], []
-    for i, (r, (P, k, Cc, Rr)) in enumerate(zip(rows, meta)):
-        S = P + k                                                     # shared: x + y+[:k]
-        ids[i, : len(r)] = torch.tensor(r)
-        pos[i, : S + Cc] = torch.arange(S + Cc)
-        pos[i, S + Cc: S + Cc + Rr] = torch.arange(S, S + Rr)
-        allow[i, : S + Cc, : S + Cc] = torch.ones(S + Cc, S + Cc, dtype=torch.bool).tril()
-        allow[i, S + Cc: S + Cc + Rr, :S] = True
-        allow[i, S + Cc: S + Cc + Rr, S + Cc: S + Cc + Rr] = torch.ones(Rr, Rr, dtype=torch.bool).tril()
-        allow[i, torch.arange(len(r), T), torch.arange(len(r), T)] = True    # padding attends to itself only
-        for j in range(k):            # the shared part of the responses counts for both y+ and y-
-            h_idx.append(P - 1 + j), tgt.append(r[P + j]), row.append(i), to_pos.append(True), to_neg.append(True)
-        for j in range(Cc):
-            h_idx.append(S - 1 + j), tgt.append(r[S + j]), row.append(i), to_pos.append(True), to_neg.append(False)
-        for j in range(Rr):           # y-'s first own token is predicted from the last shared position
-            h_idx.append(S - 1 if j == 0 else S + Cc + j - 1), tgt.append(r[S + Cc + j]), row.append(i)
-            to_pos.append(False), to_neg.append(True)
-    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
-    t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    h_idx, tgt, row, to_pos, to_neg = t(h_idx), t(tgt), t(row), t(to_pos, torch.bool), t(to_neg, torch.bool)
-    h = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).last_hidden_state
-    token_logps = -torch.nn.functional.cross_entropy(model.get_output_embeddings()(h[row, h_idx]).float(), tgt, reduction="none")
-    zeros = torch.zeros(B, device=token_logps.device)
-    return (zeros.index_add(0, row[to_pos], token_logps[to_pos]), zeros.index_add(0, row[to_neg], token_logps[to_neg]),
-            t([len(b["chosen_ids"]) for b in batch]), t([len(b["rejected_ids"]) for b in batch]))
-
-
-def prefix_shared_tokens(batch) -> tuple[int, int]:
-    rows = [len(b["prompt_ids"]) + len(b["chosen_ids"]) + len(b["rejected_ids"])
-            - min(_common_prefix(b["chosen_ids"], b["rejected_ids"]), len(b["chosen_ids"]) - 1, len(b["rejected_ids"]) - 1)
-            for b in batch]
-    return sum(rows), len(rows) * max(rows)
-
-
 def run_levers(args) -> dict:
     """A/B the levers on our fp32 DPO step, alternating (rotating order) on the same batch and weights: sapo.py as it
-    is; prefix sharing (prefix_shared_preference_logps in place of sapo.preference_logps); fused AdamW; both."""
-    global _original_preference_logps      # what the timed wrapper of sapo.preference_logps calls
+    is (one shared-prefix row per pair); two rows per pair ([y+ rows; y- rows], sapo.py before the shared prefix, and
+    its fallback for models that ignore 4D masks); fused AdamW; both."""
     res: dict = {"command": args.command, "mode": "levers", "machine": machine_info()}
     device = torch.device("cpu")
     policy, tok = sapo.load_model_and_tokenizer(args.model)
@@ -627,47 +596,106 @@ def run_levers(args) -> dict:
     batch, _ = load_batch(args, tok)
     stats, pad_id = batch_stats(batch), tok.pad_token_id
     cfg = make_config(args, "fp32")
-    with torch.no_grad():                                 # the lever computes the same numbers
-        a = _original_preference_logps(policy, batch, pad_id, device)
-        b = prefix_shared_preference_logps(policy, batch, pad_id, device)
-    real, padded = prefix_shared_tokens(batch)
-    res["batch"] = {**stats, "prefix_shared_real_tokens": real, "prefix_shared_padded_tokens": padded}
-    res["prefix_sharing_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
+    shared_ok = sapo._shared_prefix_ok(policy) and sapo._shared_prefix_ok(ref)
+
+    def layout(shared: bool):
+        policy._sapo_shared_prefix = ref._sapo_shared_prefix = shared and shared_ok
+
+    with torch.no_grad():                                 # both layouts compute the same numbers
+        layout(True)
+        a = sapo.preference_logps(policy, batch, pad_id, device)
+        layout(False)
+        b = sapo.preference_logps(policy, batch, pad_id, device)
+    res["batch"], res["shared_prefix_supported"] = stats, shared_ok
+    res["layouts_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
     fused = lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # noqa: E731
-    configs = {"sapo.py as is": (_original_preference_logps, sapo.make_optimizer(cfg, policy.parameters())),
-               "prefix sharing": (prefix_shared_preference_logps, sapo.make_optimizer(cfg, policy.parameters())),
-               "fused AdamW": (_original_preference_logps, fused()),
-               "prefix sharing + fused AdamW": (prefix_shared_preference_logps, fused())}
-    keep, runs = _original_preference_logps, {k: [] for k in configs}
-    names = list(configs)
+    configs = {"sapo.py as is (shared prefix)": (True, sapo.make_optimizer(cfg, policy.parameters())),
+               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters())),
+               "shared prefix + fused AdamW": (True, fused()),
+               "two rows + fused AdamW": (False, fused())}
+    runs, names = {k: [] for k in configs}, list(configs)
     try:
         for r in range(args.warmup + args.reps):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 log(f"lever round {r + 1}/{args.warmup + args.reps}: {name}")
-                _original_preference_logps, opt = configs[name]
+                shared, opt = configs[name]
+                layout(shared)
                 out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
                 if r >= args.warmup:
                     runs[name].append(out)
     finally:
-        _original_preference_logps = keep
-    base = medians(runs["sapo.py as is"])["step"]
+        layout(True)
+    base = medians(runs[names[0]])["step"]
     res["levers"] = {k: {**medians(v), "tokens_per_s": stats["real_tokens"] / medians(v)["step"],
                          "speedup": base / medians(v)["step"]} for k, v in runs.items()}
+    res["bf16_numerics"] = bf16_numerics(args, policy, ref, batch, pad_id, device)
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     return res
+
+
+class _Fp32Head:
+    """The output layer (and so the log-softmax input) in fp32 even inside a bf16 autocast region."""
+
+    def __init__(self, model):
+        self.head = model.get_output_embeddings()
+
+    def __enter__(self):
+        head = self.head
+
+        def forward(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.functional.linear(x.float(), head.weight.float(),
+                                                  None if head.bias is None else head.bias.float())
+        head.forward = forward
+
+    def __exit__(self, *exc):
+        del self.head.forward
+
+
+def bf16_numerics(args, policy, ref, batch, pad_id, device) -> dict:
+    """DPO loss and sequence log-probs on the same batch and (trained) weights: fp32, bf16-mixed as sapo.py runs it,
+    and bf16-mixed with the output layer in fp32 (a proposed change). Forward only."""
+    nb = min(args.bf16_pairs or 2, len(batch))
+    out = {"pairs": nb}
+    for mode in ("fp32", "bf16-mixed", "bf16-mixed, fp32 output layer"):
+        cfg = make_config(args, "fp32" if mode == "fp32" else "bf16-mixed")
+        log(f"bf16 numerics: {mode}")
+        heads = (_Fp32Head(policy), _Fp32Head(ref)) if "fp32 output" in mode else ()
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for h in heads:
+                stack.enter_context(h)
+            with sapo.autocast(cfg, device):
+                _, m = sapo.batch_loss("dpo", cfg, policy, ref, batch[:nb], pad_id, device)
+        out[mode] = {"loss": m["loss"], "logps": [m["logps/chosen"], m["logps/rejected"]],
+                     "margin": m["rewards/margins"]}
+    ref32 = out["fp32"]
+    for mode in ("bf16-mixed", "bf16-mixed, fp32 output layer"):
+        out[mode]["abs_loss_diff"] = abs(out[mode]["loss"] - ref32["loss"])
+        out[mode]["max_rel_logps_diff"] = max(abs(a - b) / abs(b) for a, b in zip(out[mode]["logps"], ref32["logps"]))
+        out[mode]["abs_margin_diff"] = abs(out[mode]["margin"] - ref32["margin"])
+    return out
 
 
 def report_levers(res) -> str:
     m, b = res["machine"], res["batch"]
     out = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average "
            f"{m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
-           f"batch: {b['rows'] // 2} pairs; tokens through the model: {b['real_tokens']} real / {b['padded_tokens']} padded as "
-           f"{b['rows']} rows; with prefix sharing {b['prefix_shared_real_tokens']} real / {b['prefix_shared_padded_tokens']} "
-           f"padded as {b['rows'] // 2} rows; log-prob sums agree to {res['prefix_sharing_max_abs_logps_diff']:.1e}", "",
-           "| our fp32 DPO step | forward+backward s | optimizer s | step s | real tokens/s | speedup |", "|---|---|---|---|---|---|"]
+           f"batch: {b['rows'] // 2} pairs; tokens through the model: two rows per pair {b['real_tokens']} real / "
+           f"{b['padded_tokens']} padded as {b['rows']} rows; shared prefix {b['distinct_tokens']} real / "
+           f"{b['distinct_padded_tokens']} padded as {b['rows'] // 2} rows; log-prob sums agree to "
+           f"{res['layouts_max_abs_logps_diff']:.1e}", "",
+           "| our fp32 DPO step | forward+backward s | optimizer s | step s | pair tokens/s | speed vs sapo.py |",
+           "|---|---|---|---|---|---|"]
     for k, v in res["levers"].items():
         out.append(f"| {k} | {v['forward_backward']:.2f} | {v['optimizer']:.2f} | {v['step']:.2f} | {v['tokens_per_s']:.0f} | "
                    f"{v['speedup']:.2f}x |")
+    n = res["bf16_numerics"]
+    out += ["", f"bf16-mixed numerics vs fp32, same weights (after the steps above) and the first {n['pairs']} pairs, forward only:", "",
+            "| | DPO loss | abs diff | reward margin abs diff | sequence log-prob max rel diff |", "|---|---|---|---|---|",
+            f"| fp32 | {n['fp32']['loss']:.4f} | - | - | - |"]
+    for mode in ("bf16-mixed", "bf16-mixed, fp32 output layer"):
+        v = n[mode]
+        out.append(f"| {mode} | {v['loss']:.4f} | {v['abs_loss_diff']:.1e} | {v['abs_margin_diff']:.1e} | {v['max_rel_logps_diff']:.1e} |")
     return "\n".join(out)
 
 
@@ -684,10 +712,14 @@ def report(res) -> str:
            f"TRL {m['trl']}; load average {m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end; {res['wall_s']:.0f} s",
            f"model: {res['model']['name']} fp32, {res['model']['n_params'] / 1e6:.1f} M parameters "
            f"({res['model']['n_body'] / 1e6:.1f} M in the blocks); batch: {res['settings']['batch_size']} pairs = {b['rows']} rows, "
-           f"{b['real_tokens']} real tokens ({b['completion_tokens']} scored), padded to {b['rows']}x{b['max_len']} "
-           f"({100 * b['real_fraction']:.0f}% real); medians of {res['settings']['reps']} runs after {res['settings']['warmup']} warm-up",
-           f"model FLOPs per real token: {res['flops']['per_real_token'] / 1e9:.2f} GFLOP (policy fwd+bwd + reference fwd; "
-           f"6N_body alone = {res['flops']['policy_per_real_token_6N'] / 1e9:.2f})", ""]
+           f"{b['real_tokens']} pair tokens ({b['completion_tokens']} scored) = {b['distinct_tokens']} distinct tokens (each prompt and "
+           f"shared response prefix once; {b['distinct_scored_tokens']} scored); two-row layout (TRL) padded to {b['rows']}x{b['max_len']} "
+           f"({100 * b['real_fraction']:.0f}% real), shared-prefix layout (ours) to {b['rows'] // 2}x"
+           f"{b['distinct_padded_tokens'] // (b['rows'] // 2)}; medians of {res['settings']['reps']} runs after "
+           f"{res['settings']['warmup']} warm-up",
+           f"model FLOPs of the step: {res['flops']['dpo_step'] / 1e12:.2f} TFLOP = {res['flops']['per_distinct_token'] / 1e9:.2f} "
+           f"GFLOP per distinct token (policy fwd+bwd + reference fwd, attention included; 6N_body alone = "
+           f"{res['flops']['policy_per_token_6N'] / 1e9:.2f}); tokens/s below count pair tokens, the same work for both trainers", ""]
     out += ["**1. Offline DPO step: ours vs TRL DPOTrainer (fp32, same token ids, alternating)**", "",
             "| | ours: sapo.batch_loss('dpo') | TRL 1.16 DPOTrainer.training_step | TRL / ours |", "|---|---|---|---|"]
     o, t = d["ours"], d.get("trl")
@@ -728,11 +760,14 @@ def report(res) -> str:
             f"{g(d['bf16_mixed']['utilization_bf16'] * mm['bf16']['peak_flops'])} |",
             f"| **utilization** of that precision's peak | {100 * o['utilization_fp32']:.0f}% | {100 * d['bf16_mixed']['utilization_bf16']:.0f}% |",
             f"| speed vs fp32 on the same pairs | 1.00x | {d['bf16_mixed']['speedup_vs_fp32']:.2f}x (fp32: "
-            f"{d['bf16_mixed']['fp32_step_same_pairs']:.2f} s) |",
-            f"| same batch, same weights (after {p['after_fp32_steps']} fp32 steps): DPO loss | {p['loss_fp32']:.4f} | "
-            f"{p['loss_bf16_mixed']:.4f}: abs diff {p['max_abs_loss_diff']:.1e} "
-            f"(tol {p['tolerance']['abs_loss']:g}); sequence log-probs max rel diff {p['max_rel_logps_diff']:.1e} "
-            f"(tol {p['tolerance']['rel_logps']:g}) |"]
+            f"{d['bf16_mixed']['fp32_step_same_pairs']:.2f} s) |"]
+    if p:
+        fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+        out += [f"| DPO loss at steps 1..{p['steps']}, same batch, same start, lr {p['lr']:g} | {fmt(p['losses_fp32'])} | "
+                f"{fmt(p['losses_bf16_mixed'])} |",
+                f"| bf16-mixed vs fp32 over those steps | | DPO loss max abs diff {p['max_abs_loss_diff']:.1e} (tol "
+                f"{p['tolerance']['abs_loss']:g}); sequence log-prob max rel diff {p['max_rel_logps_diff']:.1e} (tol "
+                f"{p['tolerance']['rel_logps']:g}) |"]
     out += ["", "**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference)**", "",
             "| | fp32 |", "|---|---|"]
     for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward), GB", "activations_gb"),
@@ -752,14 +787,13 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny settings, 1 repetition, no warm-up (a smoke test)")
     ap.add_argument("--batch-size", type=int, default=None, help="preference pairs per step (default 8; --quick 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 5; --quick 1)")
-    ap.add_argument("--bf16-reps", type=int, default=None, help="timed bf16-mixed repetitions (default 3; --quick 1)")
     ap.add_argument("--bf16-pairs", type=int, default=None, help="pairs for the bf16-mixed timings (default: all, or 2 "
                     "when bf16 matmul is slower than fp32 here)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first runs per measurement (default 1; --quick 0)")
     ap.add_argument("--segment-len", type=int, default=None, help="SAPO segment length G (default 32, sapo.py's; --quick 8)")
     ap.add_argument("--matmul-reps", type=int, default=None, help="timed calls per matmul shape (default 5; --quick 2)")
-    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (large enough that losses move, for the "
-                    "step-by-step comparisons; speed does not depend on it)")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (sapo.py's default; the losses move, so the "
+                    "step-by-step comparisons mean something; speed does not depend on it)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=None, help="longest prompt + response kept (default 512, sapo.py's; --quick 96)")
@@ -777,8 +811,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=None, help="JSON results (default bench/perf_results.json, --levers: bench/perf_levers.json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    quick = {"batch_size": 2, "reps": 1, "bf16_reps": 1, "warmup": 0, "segment_len": 8, "matmul_reps": 1, "max_length": 96}
-    full = {"batch_size": 8, "reps": 5, "bf16_reps": 3, "warmup": 1, "segment_len": 32, "matmul_reps": 5, "max_length": 512}
+    quick = {"batch_size": 2, "reps": 1, "warmup": 0, "segment_len": 8, "matmul_reps": 1, "max_length": 96}
+    full = {"batch_size": 8, "reps": 5, "warmup": 1, "segment_len": 32, "matmul_reps": 5, "max_length": 512}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -100,13 +100,12 @@ def test_quick_rerun_reuses_finished_runs_and_refuses_other_settings(quick, caps
 
 
 def test_curve_evaluation_leaves_training_unchanged(quick, tmp_path, one_thread):
-    """The curve evaluates the live policy where sapo.train would checkpoint; greedy decoding draws no random
-    numbers, so the final weights are bit-identical with and without it, and sapo.save_checkpoint is restored."""
+    """The curve evaluates the live policy from sapo.train's on_step hook; greedy decoding draws no random
+    numbers, so the final weights are bit-identical with and without it; no checkpoint is written."""
     from safetensors.torch import load_file
     model = quick["tmp"] / "work" / "tiny-llama"
     files = compare.split_train(4, tmp_path / "data")
     heldout = compare.HeldOut(str(model), 4, 8)
-    original = sapo.save_checkpoint
     weights, curves = [], []
     for every in (1, 0):
         cfg = sapo.Config(model=str(model), dataset=str(files["pref"]), eval_dataset=str(files["stub"]), eval_size=1,
@@ -115,8 +114,7 @@ def test_curve_evaluation_leaves_training_unchanged(quick, tmp_path, one_thread)
         r = compare.run(cfg, heldout, every, 4)
         weights.append(load_file(str(Path(r["final_dir"]) / "model.safetensors")))
         curves.append([p["step"] for p in r["curve"]])
-        assert not (Path(cfg.output_dir) / "checkpoints").exists()     # evaluated instead of written
-    assert sapo.save_checkpoint is original
+        assert not (Path(cfg.output_dir) / "checkpoints").exists()     # --save-steps -1: nothing written
     assert curves == [[1, 2, 3], [3]]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

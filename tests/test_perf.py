@@ -30,13 +30,14 @@ FIGURES = [
                 "gen_tokens", "gen_tokens_per_s", "ratio_to_dpo", "ratio_to_dpo_equal_tokens", "ref_refresh_per_step")],
     # 3. against the limit, fp32 and bf16
     "matmul.fp32.peak_flops", "matmul.bf16.peak_flops", "matmul.fp32.output_layer_flops", "matmul.bf16.output_layer_flops",
-    "flops.dpo_step", "flops.per_real_token", "dpo.bf16_mixed.step", "dpo.bf16_mixed.tokens_per_s",
+    "flops.dpo_step", "flops.per_distinct_token", "dpo.bf16_mixed.step", "dpo.bf16_mixed.tokens_per_s",
     "dpo.bf16_mixed.utilization_bf16", "dpo.bf16_mixed.speedup_vs_fp32",
     # 4. memory
     "memory.fp32.peak_rss_gb", "memory.fp32.floor_gb", "memory.fp32.activations_gb", "memory.fp32.bound_gb",
     "memory.fp32.runtime_baseline_gb", "memory.fp32.peak_over_floor",
     # the batch
-    "batch.real_tokens", "batch.padded_tokens", "batch.completion_tokens",
+    "batch.real_tokens", "batch.padded_tokens", "batch.completion_tokens", "batch.distinct_tokens",
+    "batch.distinct_padded_tokens", "batch.distinct_scored_tokens",
 ]
 NON_NEGATIVE = ["dpo.max_abs_loss_diff_vs_trl", "precision.max_abs_loss_diff", "precision.max_rel_logps_diff"]
 
@@ -61,6 +62,8 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
         value = get(res, path)
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (path, value)
     for path in NON_NEGATIVE:
+        if path.startswith("precision.") and res["precision"] is None:   # bf16 slower than fp32 here: no trajectory
+            continue
         value = get(res, path)
         assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (path, value)
     assert res["batch"]["rows"] == 2 * res["settings"]["batch_size"]
