@@ -142,7 +142,8 @@ class Config:
     max_steps: int = _f(30, "optimizer steps to run")
     max_length: int = _f(512, "longest prompt + response in tokens; longer examples are skipped (authors: 2048)")
     max_prompt_length: int = _f(384, "longest prompt in tokens; longer prompts are skipped (authors: 1792)")
-    precision: str = _f("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast) | bf16 (bf16 weights)",
+    precision: str = _f("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; keep fp32 for the bundled model, whose "
+                        "4-bit-grid weights make bf16 diverge: README) | bf16 (bf16 weights)",
                         choices=("fp32", "bf16-mixed", "bf16"))
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -594,12 +595,21 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
     for i, c in enumerate(contexts):  # left padding, so every row's next token is at position L
         ids[i, L - len(c):] = torch.tensor(c)
         attn[i, L - len(c):] = 1
-    was_training = model.training
+    was_training, frozen = model.training, [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
-    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max(max_new_tokens),
-                         pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True, **sampling)
-    model.train(was_training)
+    # Under autocast (bf16-mixed), the bf16 copy of a weight is cached only for leaves that require grad: a frozen
+    # generator (EMA, SPIN's copy) would re-cast every weight at every decoding step, slower than fp32. No graph
+    # is built here (no_grad), so requiring grad for the call only turns the cache on.
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max(max_new_tokens),
+                             pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True, **sampling)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
     return [row[L: L + n].tolist() for row, n in zip(out, max_new_tokens)]
 
 

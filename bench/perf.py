@@ -1,7 +1,7 @@
 """Speed and memory of sapo.py's training step on this machine, in one run, against TRL and against the limit.
 
     pip install torch==2.13.0 -r bench/requirements-perf.txt     # TRL, for the peer comparison (not a project dependency)
-    python bench/perf.py            # full run (the figures in bench/PERF.md); ~10 minutes on 2 idle cores
+    python bench/perf.py            # full run (the figures in README.md and bench/PERF.md); ~14 minutes on 2 idle cores
     python bench/perf.py --quick    # tiny settings, one repetition: checks that everything runs (tests/test_perf.py)
 
 Same model (SmolLM2-135M-Instruct, fp32 weights, CPU), same batch (rows of data/ifeval_lite_train.jsonl
@@ -418,6 +418,49 @@ def reset(model, state):
             v.copy_(state[k])
 
 
+def bf16_ties(model) -> float:
+    """Fraction of the matrix weights that sit exactly halfway between two bf16 values. Weights de-quantized from a
+    low-bit file (the bundled GGUF is 4-bit) sit on a coarse grid, and many land on such ties: round-to-nearest
+    then sends each of them half a bf16 spacing up or down with the sign of the first update, however small."""
+    ties = total = 0
+    for p in model.parameters():
+        if p.dim() == 2 and p.dtype == torch.float32:
+            ties += int(((p.detach().view(torch.int32) & 0xFFFF) == 0x8000).sum())   # low 16 bits: what bf16 drops
+            total += p.numel()
+    return ties / max(total, 1)
+
+
+@torch.no_grad()
+def dither(model, seed: int) -> None:
+    """Move every non-zero weight by a uniform fraction of its own bf16 spacing (at most half of it): off any
+    quantization grid, and as close to the original weights as their bf16 copy is."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        _, e = torch.frexp(p)                                    # p = m * 2^e, 0.5 <= |m| < 1
+        spacing = torch.ldexp(torch.ones_like(p), e - 8)         # bf16 keeps 8 significant bits
+        p.add_(torch.where(p == 0, 0.0, (torch.rand(p.shape, generator=g) - 0.5) * spacing))
+
+
+def loss_trajectories(args, policy, ref, start, batch, pad_id, device, n: int) -> dict:
+    """n DPO steps on the same batch from the same weights (policy = reference = start), fresh AdamW each: fp32,
+    then bf16-mixed. Losses and sequence log-probs step by step; the weights are left at start."""
+    out = {}
+    for prec in ("fp32", "bf16-mixed"):
+        reset(policy, start)
+        reset(ref, start)
+        cfg = make_config(args, prec)
+        opt = sapo.make_optimizer(cfg, policy.parameters())
+        out[prec] = [our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device) for _ in range(n)]
+    reset(policy, start)
+    a, b = out["fp32"], out["bf16-mixed"]
+    loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+    logp_rel = max(abs(x[k] - y[k]) / abs(x[k]) for x, y in zip(a, b) for k in ("logps_chosen", "logps_rejected"))
+    return {"steps": n, "pairs": len(batch), "lr": args.lr, "losses_fp32": [x["loss"] for x in a],
+            "losses_bf16_mixed": [y["loss"] for y in b], "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
+            "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
+            "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}
+
+
 def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -431,6 +474,7 @@ def run(args) -> dict:
     policy, tok = sapo.load_model_and_tokenizer(args.model)
     policy.train()
     init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    ties_at_start = bf16_ties(policy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
     batch, examples = load_batch(args, tok)
@@ -523,20 +567,30 @@ def run(args) -> dict:
     if nb == args.batch_size:   # step k of both runs: same batch, weights trained k-1 steps from the same start
         loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, bf))
         logp_rel = max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(ours, bf) for k in ("logps_chosen", "logps_rejected"))
-        res["precision"] = {"steps": len(bf), "pairs": nb, "lr": args.lr, "losses_fp32": [o["loss"] for o in ours],
-                            "losses_bf16_mixed": [b["loss"] for b in bf],
-                            "logps_fp32": [[o["logps_chosen"], o["logps_rejected"]] for o in ours],
-                            "logps_bf16_mixed": [[b["logps_chosen"], b["logps_rejected"]] for b in bf],
-                            "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
-                            "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
-                            "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}
+        res["precision"] = {"model": {"steps": len(bf), "pairs": nb, "lr": args.lr, "bf16_ties": ties_at_start,
+                                      "losses_fp32": [o["loss"] for o in ours], "losses_bf16_mixed": [b["loss"] for b in bf],
+                                      "max_abs_loss_diff": loss_diff, "max_rel_logps_diff": logp_rel,
+                                      "tolerance": {"abs_loss": args.loss_tol, "rel_logps": args.logps_tol},
+                                      "within_tolerance": loss_diff <= args.loss_tol and logp_rel <= args.logps_tol}}
+        # the same comparison with the weights dithered off the file's 4-bit grid: the bf16 path itself
+        log("bf16-mixed vs fp32 on the dithered weights")
+        reset(policy, init_state)
+        dither(policy, args.seed)
+        dithered, ties = {k: v.detach().clone() for k, v in policy.state_dict().items()}, bf16_ties(policy)
+        res["precision"]["dithered"] = {**loss_trajectories(args, policy, ref, dithered, batch, pad_id, device, len(bf)),
+                                        "bf16_ties": ties}
+        del dithered
+        reset(ref, init_state)
+        reset(policy, fp32_state)
     else:
         res["precision"] = None
     del opt16
 
-    # 2. SAPO steps, broken down, fp32 then bf16-mixed, each from the initial weights (AdamW state allocated)
+    # 2. SAPO steps, broken down, fp32 then bf16-mixed, each from the initial weights (AdamW state allocated). Each
+    # alternates with one of our DPO steps on the DPO batch (order flipped every round), so that the ratio of the two
+    # compares steps timed side by side: generation speed on this machine drifts by 20% over minutes.
     res["sapo"], opt_state = {}, opt.state_dict()
-    for prec, cfg, dpo_med in (("fp32", cfg32, o_med), ("bf16-mixed", cfg16, b_med)):
+    for prec, cfg in (("fp32", cfg32), ("bf16-mixed", cfg16)):
         reset(policy, init_state)
         ema = copy.deepcopy(policy).eval().requires_grad_(False)
         opt = sapo.make_optimizer(cfg, policy.parameters())
@@ -546,21 +600,26 @@ def run(args) -> dict:
         n = args.warmup + args.reps if prec == "fp32" else bf16_warmup + bf16_reps
         fresh, dpo_tokens = (examples, stats["real_tokens"]) if prec == "fp32" else (examples16, stats16["real_tokens"])
         cfg = dataclasses.replace(cfg, batch_size=len(fresh))
-        runs = []
+        runs, dpo_runs = [], []
         for r in range(n):
-            log(f"SAPO step {r + 1}/{n} ({prec}, {len(fresh)} pairs)")
-            runs.append(sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, device))
+            for who in (("sapo", "dpo") if r % 2 == 0 else ("dpo", "sapo")):
+                log(f"{'SAPO' if who == 'sapo' else 'DPO'} step {r + 1}/{n} ({prec}, {len(fresh)} pairs)")
+                if who == "sapo":
+                    runs.append(sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, device))
+                else:
+                    dpo_runs.append(our_dpo_step(cfg, policy, ref, opt, batch if prec == "fp32" else batch16, pad_id, device))
         t = time.perf_counter()
         sapo.copy_weights(ref, ema)       # the reference refresh (once per epoch of prompts), amortized below
         refresh = time.perf_counter() - t
         reset(ref, init_state)            # back to the initial weights for the next precision
-        s_med = medians(runs[min(args.warmup if prec == "fp32" else bf16_warmup, n - 1):])
+        skip = min(args.warmup if prec == "fp32" else bf16_warmup, n - 1)
+        s_med, dpo_med = medians(runs[skip:]), medians(dpo_runs[skip:])
         steps_per_epoch = math.ceil(args.epoch_prompts / args.batch_size)
         train_part = s_med["ref_forward"] + s_med["policy_forward"] + s_med["loss_math"] + s_med["backward"]
         equal = s_med["step"] - train_part * (1 - dpo_tokens / s_med["loss_tokens"])
         res["sapo"][prec] = {**s_med, "pairs": len(fresh), "ref_refresh_per_step": refresh / steps_per_epoch,
                              "gen_tokens_per_s": s_med["gen_tokens"] / s_med["generation"],
-                             "ratio_to_dpo": s_med["step"] / dpo_med["step"],
+                             "dpo_step_alternating": dpo_med["step"], "ratio_to_dpo": s_med["step"] / dpo_med["step"],
                              "ratio_to_dpo_equal_tokens": equal / dpo_med["step"]}
         del ema, opt, buffer
         gc.collect()
@@ -576,7 +635,9 @@ def run(args) -> dict:
         "utilization_fp32_ge_60pct": d["ours"]["utilization_fp32"] >= 0.6,
         "utilization_bf16_ge_40pct": d["bf16_mixed"]["utilization_bf16"] >= 0.4,
         "peak_memory_le_1.3x_floor_plus_activations": mem["fp32"]["peak_rss_gb"] <= mem["fp32"]["bound_gb"],
-        "bf16_mixed_losses_within_tolerance": res["precision"]["within_tolerance"] if res["precision"] else None}
+        "bf16_mixed_losses_within_tolerance (model as shipped)": res["precision"]["model"]["within_tolerance"] if res["precision"] else None,
+        "bf16_mixed_losses_within_tolerance (weights off the 4-bit grid)":
+            res["precision"]["dithered"]["within_tolerance"] if res["precision"] else None}
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     res["wall_s"] = time.perf_counter() - t_start
     return res
@@ -745,7 +806,8 @@ def report(res) -> str:
         out.append(f"| {label} | {s['fp32'][key]:.3f} | {s['bf16-mixed'][key]:.3f} |")
     out.append(f"| generated tokens (tokens/s) | {s['fp32']['gen_tokens']:.0f} ({s['fp32']['gen_tokens_per_s']:.0f}/s) | "
                f"{s['bf16-mixed']['gen_tokens']:.0f} ({s['bf16-mixed']['gen_tokens_per_s']:.0f}/s) |")
-    out.append(f"| our DPO step (section 1 / 3) | {o['step']:.3f} | {d['bf16_mixed']['step']:.3f} |")
+    out.append(f"| our DPO step, alternating with the SAPO steps | {s['fp32']['dpo_step_alternating']:.3f} | "
+               f"{s['bf16-mixed']['dpo_step_alternating']:.3f} |")
     out.append(f"| **SAPO step / DPO step** | {s['fp32']['ratio_to_dpo']:.2f} | {s['bf16-mixed']['ratio_to_dpo']:.2f} |")
     out.append(f"| same, loss part scaled to the DPO batch's tokens ({s['fp32']['loss_tokens']:.0f} vs {b['real_tokens']}) | "
                f"{s['fp32']['ratio_to_dpo_equal_tokens']:.2f} | {s['bf16-mixed']['ratio_to_dpo_equal_tokens']:.2f} |")
@@ -763,11 +825,12 @@ def report(res) -> str:
             f"{d['bf16_mixed']['fp32_step_same_pairs']:.2f} s) |"]
     if p:
         fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)  # noqa: E731
-        out += [f"| DPO loss at steps 1..{p['steps']}, same batch, same start, lr {p['lr']:g} | {fmt(p['losses_fp32'])} | "
-                f"{fmt(p['losses_bf16_mixed'])} |",
-                f"| bf16-mixed vs fp32 over those steps | | DPO loss max abs diff {p['max_abs_loss_diff']:.1e} (tol "
-                f"{p['tolerance']['abs_loss']:g}); sequence log-prob max rel diff {p['max_rel_logps_diff']:.1e} (tol "
-                f"{p['tolerance']['rel_logps']:g}) |"]
+        for label, q in (("model as shipped", p["model"]), ("weights dithered off the 4-bit grid", p["dithered"])):
+            out += [f"| DPO loss at steps 1..{q['steps']}, same batch, same start, lr {q['lr']:g}: {label} "
+                    f"({100 * q['bf16_ties']:.1f}% of weights on bf16 ties) | {fmt(q['losses_fp32'])} | {fmt(q['losses_bf16_mixed'])} |",
+                    f"| bf16-mixed vs fp32 over those steps: {label} | | DPO loss max abs diff {q['max_abs_loss_diff']:.1e} (tol "
+                    f"{q['tolerance']['abs_loss']:g}); sequence log-prob max rel diff {q['max_rel_logps_diff']:.1e} (tol "
+                    f"{q['tolerance']['rel_logps']:g}) |"]
     out += ["", "**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference)**", "",
             "| | fp32 |", "|---|---|"]
     for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward), GB", "activations_gb"),

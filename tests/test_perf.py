@@ -39,7 +39,8 @@ FIGURES = [
     "batch.real_tokens", "batch.padded_tokens", "batch.completion_tokens", "batch.distinct_tokens",
     "batch.distinct_padded_tokens", "batch.distinct_scored_tokens",
 ]
-NON_NEGATIVE = ["dpo.max_abs_loss_diff_vs_trl", "precision.max_abs_loss_diff", "precision.max_rel_logps_diff"]
+NON_NEGATIVE = ["dpo.max_abs_loss_diff_vs_trl", *[f"precision.{w}.{k}" for w in ("model", "dithered")
+                                                 for k in ("max_abs_loss_diff", "max_rel_logps_diff", "bf16_ties")]]
 
 
 def get(res, path):
