@@ -428,6 +428,14 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.T
     return logps_from_logits(logits, targets, rows, input_ids.shape[0]), target_mask.sum(-1)
 
 
+def shared_prefix_len(y_pos: list[int], y_neg: list[int]) -> int:
+    """k: how many leading tokens y+ and y- share, capped so that each keeps >= 1 token of its own."""
+    k = 0
+    while k < min(len(y_pos), len(y_neg)) - 1 and y_pos[k] == y_neg[k]:
+        k += 1
+    return k
+
+
 def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
     """preference_logps with the shared prefix computed once: (sum+, sum-, n+, n-), each (B,).
 
@@ -439,9 +447,7 @@ def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
     plan = []
     for b in batch:
         x, y_pos, y_neg = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
-        k = 0
-        while k < min(len(y_pos), len(y_neg)) - 1 and y_pos[k] == y_neg[k]:   # both keep >= 1 token of their own
-            k += 1
+        k = shared_prefix_len(y_pos, y_neg)
         plan.append((x + y_pos + y_neg[k:], len(x), len(x) + k, len(y_pos) - k, len(y_neg) - k))
         T = max(T, len(plan[-1][0]))
     ids = torch.full((B, T), pad_id, dtype=torch.long)

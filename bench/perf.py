@@ -152,9 +152,7 @@ def shared_layout(b) -> tuple[int, int, int, int]:
     """(|x|, k, own y+ tokens, own y- tokens) of one tuple as sapo.shared_prefix_logps lays it out: one row
     [x, y+[:k], y+[k:], y-[k:]] with k the common prefix of y+ and y- (each keeps >= 1 token of its own)."""
     yp, yn = b["chosen_ids"], b["rejected_ids"]
-    k = 0
-    while k < min(len(yp), len(yn)) - 1 and yp[k] == yn[k]:
-        k += 1
+    k = sapo.shared_prefix_len(yp, yn)
     return len(b["prompt_ids"]), k, len(yp) - k, len(yn) - k
 
 
