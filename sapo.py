@@ -220,11 +220,40 @@ def load_model(name: str, dtype=torch.float32, device="cpu", trust_remote_code=F
     from transformers import AutoModelForCausalLM
     source = bundled_model_folder() if name == BUNDLED_MODEL else name
     model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code))
-    if getattr(model.config, "is_encoder_decoder", False) or getattr(model.config, "is_decoder", True) is False:
+    if getattr(model.config, "is_encoder_decoder", False) or not is_causal(model):
         raise UserError(f"model '{name}': {type(model).__name__} is not a causal (decoder-only) language model")
     model.to(device)
     model.config.use_cache = False  # training forwards need no KV cache; generate() turns it on for itself
+    disable_dropout(model)
     return model
+
+
+@torch.no_grad()
+def is_causal(model) -> bool:
+    """Does position i see only tokens <= i? Decided by the model itself, not by config flags (GPT-NeoX's config
+    says is_decoder=False; BERT loads as a causal-LM class but attends both ways): change the last token of a
+    short input and check that the logits before it do not move."""
+    V = model.config.vocab_size
+    ids = torch.arange(1, 7, device=next(model.parameters()).device)[None] % V
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % V
+    was_training = model.training
+    model.eval()
+    a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
+    model.train(was_training)
+    return bool(torch.allclose(a.float(), b.float(), atol=1e-5))
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in every model the loop trains or queries, as TRL and the authors do: otherwise the policy's
+    log-probs are noisy and step 1's DPO loss is not log 2 although the policy equals the reference. Covers
+    nn.Dropout modules and the float rates that attention code reads at call time (attention_dropout, layerdrop)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr, value in vars(module).items():
+            if "drop" in attr and isinstance(value, float):   # dropout, attention_dropout, resid_pdrop, layerdrop
+                setattr(module, attr, 0.0)   # the config keeps its rates: final/ saves the user's model as it was
 
 
 def load_model_and_tokenizer(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
@@ -926,6 +955,14 @@ def method_recipe(cfg: Config) -> Recipe:
             "spin": Recipe("dpo", "frozen", True, False, "policy")}[cfg.method]
 
 
+def refresh_due(recipe: Recipe, step: int, ref_every: int, spin_every: int = 0) -> bool:
+    """Is the DPO reference refreshed at the start of this step (step = optimizer steps done)? As the authors:
+    at every multiple of ref_every, after the step's EMA update, before its loss (step 0 would copy the EMA onto
+    an identical reference, so it is skipped)."""
+    return recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step > 0 \
+        and step % ref_every == 0
+
+
 def train(cfg: Config, on_step=None) -> dict:
     """Run a method as configured; returns the before/after evaluation and the last step's metrics.
     on_step(step, policy, metrics), if given, is called after every optimizer step (and its checkpoint): a place
@@ -1052,6 +1089,9 @@ def train(cfg: Config, on_step=None) -> dict:
         # (1) EMA update, before this step's gradient update: theta_ema <- b*theta_ema + (1-b)*theta
         if ema_model is not None:
             ema_update(ema_model, policy, cfg.ema_decay)
+        # (1b) SAPO-DPO: every ref_every steps, right after that EMA update, the reference <- EMA (authors: 108)
+        if refresh_due(recipe, step, ref_every, spin_every):
+            copy_weights(ref_model, models[recipe.ref_source])
         optimizer.zero_grad(set_to_none=True)
         accum, gen_tokens, gen_time = [], 0, 0.0
         for _ in range(cfg.grad_accum):
@@ -1086,9 +1126,6 @@ def train(cfg: Config, on_step=None) -> dict:
             skipped += 1
         scheduler.step()
         step += 1
-        # (6) SAPO-DPO: refresh the reference from the EMA every ref_every steps (authors: 108)
-        if recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step % ref_every == 0:
-            copy_weights(ref_model, models[recipe.ref_source])
         metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
         metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "nonfinite/skipped": skipped,
                         "buffer/size": len(buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
