@@ -1,0 +1,1 @@
+"""Tasks: a dataset generator and its checker (the bundled IFEval-lite task)."""
