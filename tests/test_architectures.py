@@ -164,6 +164,24 @@ def test_soft_cap_decision_holds_once_logits_grow(arch_dirs):
     assert got[0].item() == pytest.approx(full_logits_logp(model, x, y), abs=1e-3)
 
 
+def test_sliding_window_longer_than_the_check(tmp_path):
+    """Mistral-style sliding-window attention (Mistral-7B-v0.1: 4096 tokens) with rows longer than the window: the
+    two-row forward applies the window; a custom 4D mask replaces it. _shared_prefix_ok probes a 10-token pair,
+    shorter than any real window, so it must not be the only guard: the numbers must be the full-logits ones."""
+    path = make_tiny("mistral", tmp_path / "mistral_sw", chat=True, sliding_window=12)
+    model, tok = load(path)
+    model.eval()
+    rng = random.Random(2)
+    r = lambda n: [rng.randrange(3, model.config.vocab_size) for _ in range(n)]  # noqa: E731
+    y = r(14) + [tok.eos_token_id]
+    batch = [{"prompt_ids": r(8), "chosen_ids": y, "rejected_ids": y[:4] + r(10) + [tok.eos_token_id]}]
+    with torch.no_grad():
+        pos, neg, _, _ = sapo.preference_logps(model, batch, tok.pad_token_id, "cpu")
+    b = batch[0]
+    assert pos[0].item() == pytest.approx(full_logits_logp(model, b["prompt_ids"], b["chosen_ids"]), abs=1e-4)
+    assert neg[0].item() == pytest.approx(full_logits_logp(model, b["prompt_ids"], b["rejected_ids"]), abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A real 2-step run: metrics line 1 is log 2 with rewards 0; final/ loads back with the trained logits
 # ---------------------------------------------------------------------------------------------------

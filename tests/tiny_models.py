@@ -53,8 +53,8 @@ ARCHITECTURES = ("gpt2", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3"
                  "stablelm", "falcon", "gptj", "bloom", "phi")
 
 
-def make_tiny(arch: str, path: Path, chat: bool = False, seed: int = 0) -> Path:
-    """save_pretrained a tiny random `arch` model and its tokenizer into path."""
+def make_tiny(arch: str, path: Path, chat: bool = False, seed: int = 0, **overrides) -> Path:
+    """save_pretrained a tiny random `arch` model and its tokenizer into path; overrides go into its config."""
     import torch
     import transformers
     if chat:
@@ -63,7 +63,7 @@ def make_tiny(arch: str, path: Path, chat: bool = False, seed: int = 0) -> Path:
         tok = _tokenizer(["<|endoftext|>"])
     cfg_name, model_name, kw = _configs(len(tok), tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
                                         tok.eos_token_id, tok.pad_token_id)[arch]
-    config = getattr(transformers, cfg_name)(**kw)
+    config = getattr(transformers, cfg_name)(**{**kw, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)
     path = Path(path)
