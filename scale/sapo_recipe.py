@@ -17,7 +17,9 @@ Run it (from the repository root: `tune run` wants the recipe path relative)
     multi-node: see scale/README.md (torchrun rendezvous).
 
 One optimizer step on W processes, each with a micro-batch of B prompts (every process runs the same code):
-  1. EMA update  theta_ema <- b*theta_ema + (1-b)*theta   (sapo.ema_update, on each process's shards)
+  1. EMA update  theta_ema <- b*theta_ema + (1-b)*theta   (sapo.ema_update, on each process's shards); then, SAPO-DPO,
+     when the optimizer steps done so far are a multiple of ref_update_steps, reference <- EMA (sapo.copy_weights):
+     at the start of the step, right after its EMA update, before its loss (the authors' moving_average)
   2. for each of the gradient_accumulation_steps micro-batches:
      a. all processes draw the same B*W fresh prompts (sapo.PromptStream) and the same truncation points
         (sapo.truncation_point, one seeded random.Random replicated on every process);
@@ -25,8 +27,11 @@ One optimizer step on W processes, each with a micro-batch of B prompts (every p
         segments are all-gathered and spliced (sapo.splice_negative) into B*W replay tuples;
      c. every process pushes the same tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
         the same B*W tuples from it; process r keeps rows r*B .. r*B+B-1;
-     d. loss on those B rows (sapo.dpo_loss / sapo.orpo_loss), backward; FSDP averages gradients over processes.
-  3. clip, optimizer step, LR schedule (sapo.lr_lambda); every ref_update_steps, reference <- EMA (sapo.copy_weights).
+     d. loss on those B rows (sapo.dpo_loss / sapo.orpo_loss), each tuple one row [x, y+, y-'s own tokens] with
+        torchtune's mask and input_pos (as sapo.shared_prefix_logps; two rows where the model fails the check),
+        backward; FSDP averages gradients over processes.
+  3. clip, optimizer step, LR schedule (sapo.lr_lambda); all processes agree (one all-reduce) whether a SIGTERM /
+     SIGINT arrived: if so, checkpoint and exit 143 / 130 after this step.
 So W processes with batch_size B compute what sapo.py computes with --batch-size B*W (tests/test_scale.py
 checks per-step losses against a sapo.py run).
 
@@ -43,8 +48,14 @@ Where this recipe departs from sapo.py, and why
   - ORPO's NLL is a token mean over the whole global batch: the chosen-token count is all-reduced, so W
     processes give the same loss as one process with W times the batch.
   - dtype bf16-mixed keeps fp32 master weights (and fp32 optimizer state) for what is trained, stores the EMA,
-    the reference and LoRA's frozen base in bf16, and computes in bf16 autocast: at the authors' lr 5e-7 a
-    pure-bf16 weight (torchtune's dtype bf16) would not move (bf16 resolves 1 part in 256).
+    the reference and LoRA's frozen base in bf16, and computes in bf16: at the authors' lr 5e-7 a pure-bf16
+    weight (torchtune's dtype bf16) would not move (bf16 resolves 1 part in 256). Sharded, the policy has FSDP2's
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (torchtune 0.6.1's shard_model passes none): layers
+    are gathered in bf16, and no autocast cache keeps a bf16 copy of every gathered weight (fsdp_kwargs).
+  - Dropout is off in every model (policy, EMA, reference), attention dropout included (disable_dropout).
+  - Memory: scale/memory.py estimates each process's peak by component for any config and world size.
+  - Bad input (config values, a checkpoint whose shapes differ from the builder's) stops with one line naming
+    the field and exit status 2 (ConfigError).
   - LoRA: the EMA averages the adapter weights only; the reference is the base model with adapters disabled
     until the first refresh, then the base model with a frozen copy of the EMA adapters. EMA and reference
     adapters are swapped into the policy module for generation and for reference log-probs, so SAPO adds
@@ -53,15 +64,20 @@ Where this recipe departs from sapo.py, and why
     FullModelHFCheckpointer (it names folders epoch_*; here the number is the optimizer step; LoRA adds
     PEFT adapter files), and output_dir/recipe_state/step_<step>.pt holds optimizer, LR schedule, replay buffer,
     data position, RNG and step. It is written last, atomically: its presence marks the checkpoint complete.
+    The policy is written in its trained dtype (fp32 under bf16-mixed: an exact resume needs the master
+    weights; transformers loads it into bf16 with dtype=torch.bfloat16), EMA and reference in bf16. At 8B a
+    checkpoint is 96 GB (scale/README.md). A resume reads one model at a time and mmaps the optimizer state.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -74,7 +90,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from torchtune import config, modules, training, utils
@@ -88,10 +104,15 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.checkpointing._utils import safe_torch_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import sapo` also when launched from elsewhere
-from sapo import (Example, PromptStream, ReplayBuffer, collate, copy_weights, describe_tuple,  # noqa: E402
-                  dpo_loss, ema_update, logps_from_logits, lr_lambda, orpo_loss, parse_row, preference_metrics,
-                  read_rows, response_targets, splice_negative, truncation_point)
+from sapo import (Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss,  # noqa: E402
+                  ema_update, logps_from_logits, lr_lambda, orpo_loss, preference_metrics, response_targets,
+                  shared_prefix_len, splice_negative, truncation_point)
 from sapo import preference_logps as sapo_preference_logps  # noqa: E402
+
+try:   # plumbing is moving from sapo.py to sapo_io.py
+    from sapo_io import parse_row, read_rows  # noqa: E402
+except ImportError:
+    from sapo import parse_row, read_rows  # noqa: E402
 
 log = utils.get_logger("INFO")
 DTYPES = ("fp32", "bf16", "bf16-mixed")
@@ -102,43 +123,58 @@ METHODS = ("sapo-dpo", "sapo-orpo")   # sapo.py also runs the baselines (sft, dp
 # 1. Config check: every key the recipe reads, with its constraint (tests run it on every YAML)
 # ---------------------------------------------------------------------------------------------------
 
+class ConfigError(ValueError):
+    """Bad input (a config value, a checkpoint that does not fit the builder): recipe_main prints its one line,
+    naming the field, and exits with status 2, without a traceback."""
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Raise ValueError naming the first bad key. Values are resolved (${...} interpolations included)."""
+    """Raise ConfigError naming the first bad key. Values are resolved (${...} interpolations included)."""
     need = ("output_dir", "method", "model", "tokenizer", "checkpointer", "dataset", "optimizer", "seed", "beta",
             "orpo_lambda", "ema_decay", "segment_len", "buffer_capacity", "buffer_sampling", "ref_update_steps",
             "temperature", "top_p", "top_k", "batch_size", "gradient_accumulation_steps", "max_length",
             "max_prompt_length", "lr_schedule", "dtype", "device")
     for key in need:
         if cfg.get(key) is None:
-            raise ValueError(f"config: '{key}' is missing")
+            raise ConfigError(f"config: '{key}' is missing")
     if cfg.method not in METHODS:
-        raise ValueError(f"config: method must be one of {METHODS}, got {cfg.method!r} (the baselines run in sapo.py)")
+        raise ConfigError(f"config: method must be one of {METHODS}, got {cfg.method!r} (the baselines run in sapo.py)")
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"config: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+        raise ConfigError(f"config: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     for key in ("batch_size", "gradient_accumulation_steps", "segment_len", "buffer_capacity", "max_length",
                 "max_prompt_length"):
         if int(cfg[key]) < 1:
-            raise ValueError(f"config: {key} must be >= 1, got {cfg[key]}")
+            raise ConfigError(f"config: {key} must be >= 1, got {cfg[key]}")
     if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ValueError(f"config: ema_decay must be in [0, 1], got {cfg.ema_decay}")
+        raise ConfigError(f"config: ema_decay must be in [0, 1], got {cfg.ema_decay}")
     if cfg.max_prompt_length >= cfg.max_length:
-        raise ValueError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length})")
+        raise ConfigError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length})")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ValueError("config: temperature must be > 0, top_p in (0, 1], top_k >= 0 (0: off, 1: greedy)")
+        raise ConfigError("config: temperature must be > 0, top_p in (0, 1], top_k >= 0 (0: off, 1: greedy)")
     if cfg.buffer_sampling not in ("weighted", "uniform"):
-        raise ValueError(f"config: buffer_sampling must be weighted or uniform, got {cfg.buffer_sampling!r}")
+        raise ConfigError(f"config: buffer_sampling must be weighted or uniform, got {cfg.buffer_sampling!r}")
     if cfg.lr_schedule not in ("linear", "cosine", "constant", "inverse_sqrt"):
-        raise ValueError(f"config: lr_schedule must be linear, cosine, constant or inverse_sqrt, got {cfg.lr_schedule!r}")
+        raise ConfigError(f"config: lr_schedule must be linear, cosine, constant or inverse_sqrt, got {cfg.lr_schedule!r}")
     if cfg.get("on_nonfinite", "skip") not in ("skip", "stop"):
-        raise ValueError(f"config: on_nonfinite must be skip or stop, got {cfg.on_nonfinite!r}")
+        raise ConfigError(f"config: on_nonfinite must be skip or stop, got {cfg.on_nonfinite!r}")
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
-        raise ValueError("config: set max_steps or epochs")
+        raise ConfigError("config: set max_steps or epochs")
     if "source" not in cfg.dataset:
-        raise ValueError("config: dataset.source is missing (a .jsonl file or a hub dataset name)")
+        raise ConfigError("config: dataset.source is missing (a .jsonl file or a hub dataset name)")
     if cfg.checkpointer.get("_component_") != "torchtune.training.FullModelHFCheckpointer":
-        raise ValueError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
+        raise ConfigError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
     if cfg.get("max_length") > _model_max_seq_len(cfg.model):
-        raise ValueError(f"config: max_length {cfg.max_length} exceeds the model's max_seq_len")
+        raise ConfigError(f"config: max_length {cfg.max_length} exceeds the model's max_seq_len")
+    if cfg.get("fsdp_cpu_offload", False) and torch.device(cfg.device).type != "cuda":
+        raise ConfigError(f"config: fsdp_cpu_offload: True needs device: cuda (it moves sharded state from the GPU to "
+                          f"CPU RAM), got device: {cfg.device}")
+    if not cfg.get("fsdp_reshard_after_forward", True) and is_lora(cfg.model):
+        # LoRA swaps EMA / reference adapter values into the policy's own (sharded) parameters; with the policy left
+        # unsharded after a forward, the module would compute with the unsharded copies and ignore the swap
+        raise ConfigError("config: fsdp_reshard_after_forward: False is not supported with LoRA (the EMA and reference "
+                          "adapters are swapped into the sharded policy); set it to True")
+    if int(cfg.get("dist_timeout_minutes", 60)) < 1:
+        raise ConfigError(f"config: dist_timeout_minutes must be >= 1, got {cfg.dist_timeout_minutes}")
 
 
 def _model_max_seq_len(cfg_model: DictConfig) -> int:
@@ -183,7 +219,7 @@ def load_examples(source: str, split: str, tokenizer, max_length: int, max_promp
         else:
             examples.append(e)
     if not examples:
-        raise ValueError(f"{source}: no example fits max_prompt_length={max_prompt_length} / max_length={max_length}")
+        raise ConfigError(f"dataset.source: {source}: no example fits max_prompt_length={max_prompt_length} / max_length={max_length}")
     return examples, skipped
 
 
@@ -211,7 +247,7 @@ def _unembed_at_positions(self, h):
     dominate memory (sapo.sequence_logps does the same for transformers models)."""
     h = self.norm(h)
     if self.sapo_positions is not None:
-        h = h[self.sapo_positions]                                       # (B, T, D) -> (N, D)
+        h = h[self.sapo_positions]        # (B, T, D) -> (N, D): a (B, T) bool mask or (rows, positions) index tensors
     return self.output(h)
 
 
@@ -222,7 +258,8 @@ def enable_position_selection(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def logits_at(model, positions):
-    """Within this block, model(tokens) returns logits at `positions` (a (B, T) bool mask) only: (N, V)."""
+    """Within this block, model(tokens) returns logits at `positions` only, (N, V): a (B, T) bool mask, or a pair
+    of (N,) index tensors (rows, positions), which may repeat a position."""
     model.sapo_positions = positions
     try:
         yield
@@ -240,10 +277,92 @@ def sequence_logps(model, input_ids, loss_mask):
     return logps_from_logits(logits, targets, rows, input_ids.shape[0]), target_mask.sum(-1)
 
 
-def preference_logps(model, batch: list[dict], pad_id: int, device):
-    """sapo.preference_logps (one concatenated forward over [y+ rows; y- rows]) with the torchtune log-probs."""
+def two_row_logps(model, batch: list[dict], pad_id: int, device):
+    """sapo.preference_logps's two-row path (one concatenated forward over [y+ rows; y- rows]) with the torchtune
+    log-probs: (sum+, sum-, n+, n-), each (B,)."""
     return sapo_preference_logps(model, batch, pad_id, device,
                                  logps_fn=lambda m, input_ids, attention_mask, loss_mask: sequence_logps(m, input_ids, loss_mask))
+
+
+def shared_prefix_layout(batch: list[dict], pad_id: int) -> dict:
+    """sapo.shared_prefix_logps's layout, as torchtune's decoder takes it: one row [x, y+[:k], y+[k:], y-[k:]] per
+    tuple (k = sapo.shared_prefix_len), y-[k:] attending to x + y+[:k] and to itself, its positions continuing from
+    the shared part. Returns CPU tensors: ids (B, T), input_pos (B, T), mask (B, T, T) bool (True: may attend,
+    torchtune's convention), and per scored token (N,): the row, the position whose logits predict it, the target,
+    and whether it counts for y+ / y- (the shared tokens count for both)."""
+    B, T, plan = len(batch), 0, []
+    for b in batch:
+        x, y_pos, y_neg = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
+        k = shared_prefix_len(y_pos, y_neg)
+        plan.append((x + y_pos + y_neg[k:], len(x), len(x) + k, len(y_pos) - k, len(y_neg) - k))
+        T = max(T, len(plan[-1][0]))
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    allow = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)        # padding attends to itself: no all-masked rows
+    h_at, target_at, row_of, is_pos, is_neg = [], [], [], [], []
+    for i, (r, P, S, C, R) in enumerate(plan):   # P = |x|, S = |x| + k shared, C own y+ tokens, R own y- tokens
+        E = S + C + R
+        ids[i, :E] = torch.tensor(r)
+        pos[i, : S + C] = torch.arange(S + C)
+        pos[i, S + C: E] = torch.arange(S, S + R)
+        allow[i, : S + C, : S + C] = torch.ones(S + C, S + C, dtype=torch.bool).tril()
+        allow[i, S + C: E, :S] = True
+        allow[i, S + C: E, S + C: E] = torch.ones(R, R, dtype=torch.bool).tril()
+        h = list(range(P - 1, S + C - 1)) + [S - 1] + list(range(S + C, S + C + R - 1))
+        h_at += h
+        target_at += r[P: S + C] + r[S + C:]
+        row_of += [i] * len(h)
+        is_pos += [True] * (S + C - P) + [False] * R
+        is_neg += [True] * (S - P) + [False] * C + [True] * R
+    t = torch.tensor
+    return {"ids": ids, "input_pos": pos, "mask": allow, "row_of": t(row_of), "h_at": t(h_at), "targets": t(target_at),
+            "is_pos": t(is_pos, dtype=torch.bool), "is_neg": t(is_neg, dtype=torch.bool),
+            "n_pos": t([len(b["chosen_ids"]) for b in batch]), "n_neg": t([len(b["rejected_ids"]) for b in batch])}
+
+
+def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
+    """(sum+, sum-, n+, n-), each (B,), one row per tuple (shared_prefix_layout): x and the shared prefix go
+    through the model once. The output layer runs only at the N scored positions."""
+    L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
+    with logits_at(model, (L["row_of"], L["h_at"])):
+        logits = model(L["ids"], mask=L["mask"], input_pos=L["input_pos"])               # (N, V)
+    token_logps = -F.cross_entropy(logits.float(), L["targets"], reduction="none")      # (N,)
+    zeros = torch.zeros(len(batch), device=token_logps.device)
+    return (zeros.index_add(0, L["row_of"][L["is_pos"]], token_logps[L["is_pos"]]),
+            zeros.index_add(0, L["row_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
+
+
+@torch.no_grad()
+def check_shared_prefix(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
+    """Does this model honour torchtune's `mask` and `input_pos` (so one row per tuple is exact)? Checked once per
+    model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on a small pair whose
+    y- keeps 3 tokens of its own (they must not see y+'s own tokens). Every process of a sharded model runs it at
+    the same time and they agree (all-reduced). tol: 1e-4 in fp32; the recipe passes 5e-2 where bf16 computes (a
+    kernel that ignored the mask moves y-'s log-probs by whole nats). The answer is kept in model.sapo_shared_prefix."""
+    ok = False
+    if enabled:
+        V = model.tok_embeddings.num_embeddings
+        pair = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6, 7], "rejected_ids": [4, 8, 9, 10]}]
+        pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in pair]
+        was_training = model.training
+        model.eval()
+        try:
+            mine = shared_prefix_logps(model, pair, 0, device)[:2]
+            plain = two_row_logps(model, pair, 0, device)[:2]
+            ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(mine, plain))
+        except (TypeError, ValueError, RuntimeError) as e:   # the model rejects the arguments
+            log.info(f"shared-prefix layout unavailable ({type(e).__name__}: {e}); two rows per tuple")
+        model.train(was_training)
+        ok = _all(ok, device)
+    model.sapo_shared_prefix = ok
+    return ok
+
+
+def preference_logps(model, batch: list[dict], pad_id: int, device):
+    """(sum+, sum-, n+, n-), each (B,): one row per tuple where check_shared_prefix passed for this model, else two."""
+    if getattr(model, "sapo_shared_prefix", False):
+        return shared_prefix_logps(model, batch, pad_id, device)
+    return two_row_logps(model, batch, pad_id, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,11 +425,13 @@ def gathered(model: nn.Module, enabled: bool, reshard_after_forward: bool = True
 
 @torch.no_grad()
 def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int], n_steps: int, pad_id: int,
-                      stop_ids, seeds: list[int], temperature=0.7, top_p=0.95, top_k=50, cache_dtype=torch.float32):
+                      stop_ids, seeds: list[int], temperature=0.7, top_p=0.95, top_k=50, cache_dtype=torch.float32,
+                      device=None):
     """The torchtune twin of sapo.generate_segments: continue each context by up to max_new_tokens[i] tokens,
     one batched KV-cached decode over left-padded contexts. n_steps (>= every max_new_tokens) must be the same
-    on every process of a sharded model; decoding stops early only when every row on every process is done."""
-    device = next(model.parameters()).device
+    on every process of a sharded model; decoding stops early only when every row on every process is done.
+    device: where the model computes (with CPU offload its parameters live in CPU RAM: pass the GPU)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     B, L = len(contexts), max(len(c) for c in contexts)
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     real = torch.ones((B, L + n_steps), dtype=torch.bool)
@@ -381,6 +502,55 @@ def swapped_in(live: AdapterSet, weights: AdapterSet):
 # 6. The recipe
 # ---------------------------------------------------------------------------------------------------
 
+class StopSignal:
+    """SIGTERM (a scheduler's pre-emption; torchrun forwards its own to the workers) and SIGINT (Ctrl-C) set a flag
+    instead of killing the process: the current optimizer step finishes, all processes agree on stopping after
+    it (an all-reduce of the flag once per step), process 0 writes the checkpoint atomically, and the recipe exits
+    with 128 + the signal (143 / 130). A second signal changes nothing. torchrun SIGKILLs its workers
+    --shutdown_timeout seconds (default 30) after forwarding a signal: at 8B give it the checkpoint's write time."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _proc_status_gib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now; VmHWM: the peak since start or reset_peak_rss), in GiB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_gib() -> float:
+    return _proc_status_gib("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Linux >= 4.0: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def _full(t):
     """A plain tensor from a DTensor (sharded) or a tensor (one process)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -403,9 +573,64 @@ def prepare_model(model: nn.Module, cfg: DictConfig, trainable: bool, shard: boo
     if trainable and cfg.get("enable_activation_checkpointing", False):
         training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
     if shard:
-        training.shard_model(model, [partial(training.get_shard_conditions, names_to_match=cfg.get("custom_sharded_layers"))],
-                             cpu_offload=cfg.get("fsdp_cpu_offload", False),
-                             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True))
+        shard_model(model, cfg, trainable)
+
+
+def check_shapes(model: nn.Module, full_sd: dict, cfg: DictConfig) -> None:
+    """Every checkpoint tensor must have the shape the builder made (a DTensor's .shape is the global one).
+    torchtune's HF checkpointer reads only head counts and the width from config.json, so a checkpoint of
+    another size (e.g. Mistral v0.3's 32768-token vocabulary into mistral_7b's 32000) would otherwise fail deep
+    inside the sharded load, or, unsharded, load wrongly. Raises ConfigError naming model and checkpointer."""
+    own = {k.replace("._checkpoint_wrapped_module", ""): v.shape for k, v in model.state_dict().items()}
+    for key, tensor in full_sd.items():
+        if key in own and tuple(own[key]) != tuple(tensor.shape):
+            hint = " (the vocabulary size differs: set model.vocab_size or pick the matching builder)" \
+                if "tok_embeddings" in key or key == "output.weight" else ""
+            raise ConfigError(f"model: {cfg.model._component_} builds {key} with shape {tuple(own[key])}, but the "
+                              f"checkpoint in checkpointer.checkpoint_dir ({cfg.checkpointer.checkpoint_dir}) has "
+                              f"{tuple(tensor.shape)}{hint}")
+
+
+def fsdp_kwargs(cfg: DictConfig, trainable: bool) -> dict:
+    """fully_shard's arguments for one model.
+    - bf16-mixed, trained model: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). FSDP2 casts each shard
+      to bf16 before the all-gather, so a gathered layer is bf16 (half the traffic) and its memory is freed at
+      reshard. Without it (torchtune 0.6.1's shard_model passes no policy; `fsdp_mixed_precision: False` here)
+      the all-gathers move fp32 and torch.autocast caches the bf16 cast of every gathered weight until its block
+      exits: a second, bf16 copy of the whole model per process (about 16 GB at 8B; scale/README.md).
+      Gradients are reduce-scattered in fp32 into the fp32 master shards.
+    - fsdp_reshard_after_forward applies to the trained model only: the EMA and the reference never run a
+      backward, so left unsharded after a forward they would stay unsharded plain tensors, and ema_update /
+      copy_weights would mix them with the policy's DTensor shards. They always reshard.
+    - fsdp_cpu_offload: sharded state in CPU RAM (torchtune's CPUOffloadPolicy)."""
+    kw = {"reshard_after_forward": bool(cfg.get("fsdp_reshard_after_forward", True)) if trainable else True}
+    if cfg.get("fsdp_cpu_offload", False):
+        kw["offload_policy"] = CPUOffloadPolicy()
+    if trainable and cfg.dtype == "bf16-mixed" and cfg.get("fsdp_mixed_precision", True):
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return kw
+
+
+def shard_model(model: nn.Module, cfg: DictConfig, trainable: bool) -> None:
+    """torchtune.training.shard_model with fsdp_kwargs: each transformer layer, then custom_sharded_layers, then the
+    root, bottom-up."""
+    kw = fsdp_kwargs(cfg, trainable)
+    match = partial(training.get_shard_conditions, names_to_match=cfg.get("custom_sharded_layers"))
+    for name, m in reversed(list(model.named_modules())):
+        if match(name, m):
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """No dropout anywhere, as TRL's disable_dropout and the authors' trainer: with dropout the policy and the
+    reference would disagree at step 1 (DPO's loss would not start at log 2) and log-probs would be noisy.
+    torchtune.training.disable_dropout zeroes nn.Dropout modules (LoRA's lora_dropout among them, as TRL does for
+    PEFT); attention dropout is a float on each MultiHeadAttention (a builder's attn_dropout), zeroed here."""
+    training.disable_dropout(model)
+    for m in model.modules():
+        if isinstance(m, modules.MultiHeadAttention):
+            m.attn_dropout = 0.0
 
 
 class SAPORecipe(FTRecipeInterface):
@@ -435,6 +660,9 @@ class SAPORecipe(FTRecipeInterface):
         self.rng = random.Random(self.seed)               # truncation points and buffer sampling, same on every process
         self.step = 0
         self.skipped = 0                                  # optimizer steps skipped for a NaN/inf
+        self.max_shape = (0, 0)                           # the longest loss row so far (scale/memory.py's T, R)
+        self._saved_at = -1                               # the step of the last checkpoint this run wrote
+        self.setup_memory = {}
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -452,8 +680,9 @@ class SAPORecipe(FTRecipeInterface):
 
         state = self._find_checkpoint() if cfg.get("resume_from_checkpoint", False) else None
         if state is None and list((self.out / "recipe_state").glob("step_*.pt")):
-            raise ValueError(f"{self.out} holds checkpoints of an earlier run: pass resume_from_checkpoint=True to "
-                             "continue it, or choose another output_dir")
+            raise ConfigError(f"output_dir: {self.out} holds checkpoints of an earlier run: pass resume_from_checkpoint=True "
+                              "to continue it, or choose another output_dir")
+        runtime_gib = _proc_status_gib("VmRSS")   # the process before any model: python, torch, tokenizer, data
         self._setup_models(cfg, state)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
@@ -463,16 +692,25 @@ class SAPORecipe(FTRecipeInterface):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(schedule))
         self.buffer = ReplayBuffer(int(cfg.buffer_capacity), cfg.buffer_sampling)
         self.stream = PromptStream(len(self.examples), self.seed)
-        if state is not None:
+        resumed = state is not None
+        if resumed:
             self._load_recipe_state(state)
+        del state   # (mmapped: nothing stays in memory once the optimizer holds its shards)
         self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
         if self.is_rank_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            if state is None:   # a fresh run starts fresh logs
+            if not resumed:     # a fresh run starts fresh logs
                 for p in (self.metrics_path, self.samples_path):
                     p.unlink(missing_ok=True)
             else:               # steps after the checkpoint were not kept: drop their lines
                 self._truncate_metrics(self.step)
+        # one row per tuple (x and the shared prefix once) where the model honours torchtune's mask / input_pos
+        tol = 1e-4 if self.compute_dtype == torch.float32 else 5e-2
+        for model in [self.policy] + ([self.ref] if cfg.method == "sapo-dpo" and not self.lora else []):
+            with self._autocast():
+                check_shared_prefix(model, self.device, tol, enabled=cfg.get("shared_prefix", True))
+        utils.log_rank_zero(log, f"log-probs: {'one row per tuple (shared prefix)' if self.policy.sapo_shared_prefix else 'two rows per tuple'}")
+        self.setup_memory = {"memory/runtime_rss_gib": runtime_gib, "memory/setup_peak_rss_gib": peak_rss_gib()}
         utils.log_rank_zero(log, f"{self.max_steps} steps of {prompts_per_step} prompts on {self.world_size} processes; "
                                  f"reference refresh every {self.ref_every} steps; starting at step {self.step}")
 
@@ -482,14 +720,16 @@ class SAPORecipe(FTRecipeInterface):
         with training.set_default_dtype(dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         prepare_model(model, self.cfg, trainable, shard=self.shard)
+        cpu_offload = self.cfg.get("fsdp_cpu_offload", False)
         with training.set_default_dtype(dtype), self.device:
             for m in model.modules():
                 if self.lora and isinstance(m, LoRALinear) and lora_sd is None:
-                    m.to_empty(device=self.device)
+                    # offloaded shards live in CPU RAM (as torchtune's lora_dpo_distributed does)
+                    m.to_empty(device="cpu" if cpu_offload and self.shard else self.device)
                     m.initialize_parameters()
                 if hasattr(m, "rope_init"):     # RoPE caches are not in the state dict
                     m.rope_init()
-        cpu_offload = self.cfg.get("fsdp_cpu_offload", False)
+        check_shapes(model, full_sd, self.cfg)
         if not self.shard and self.device.type == "cpu":
             # unsharded, the loader keeps the state dict's own tensors when dtype and device already match,
             # and policy, EMA and reference are all filled from one state dict: give each its own copy
@@ -507,7 +747,7 @@ class SAPORecipe(FTRecipeInterface):
         else:
             training.load_from_full_model_state_dict(model, full_sd, self.device, strict=True, cpu_offload=cpu_offload)
         training.validate_no_params_on_meta_device(model)
-        training.disable_dropout(model)
+        disable_dropout(model)
         enable_position_selection(model)
         model.train(trainable)
         return model
@@ -543,7 +783,9 @@ class SAPORecipe(FTRecipeInterface):
                     self.ref = self.live.copy()
                     self._load_adapters(self.ref, step_dir("ref") / "adapter_model.pt")
             return
-        models = {}
+        # One model at a time: each process holds one full state dict (fp32 policy: 4 bytes per parameter) only
+        # while that model is filled, and releases it before reading the next (a resume reads three).
+        models, sd = {}, None
         for name in ["policy", "ema"] + (["ref"] if dpo else []):
             if state or name == "policy":
                 self.ckpt[name] = self._checkpointer(name, step_dir(name) if state else None)
@@ -553,6 +795,8 @@ class SAPORecipe(FTRecipeInterface):
                 self.ckpt[name]._weight_map = self.ckpt["policy"]._weight_map   # key -> shard file; torchtune fills it on load
             models[name] = self._build(cfg.model, self.train_dtype if name == "policy" else self.frozen_dtype,
                                        name == "policy", sd)
+            if state:
+                sd = None
         del sd
         self.policy, self.ema, self.ref = models["policy"], models["ema"], models.get("ref")
 
@@ -572,7 +816,10 @@ class SAPORecipe(FTRecipeInterface):
             utils.log_rank_zero(log, f"resume_from_checkpoint: nothing in {self.out / 'recipe_state'}; starting fresh")
             return None
         utils.log_rank_zero(log, f"resuming from {states[-1]}")
-        return torch.load(states[-1], map_location="cpu", weights_only=True)   # never unpickles arbitrary objects
+        # mmap: the optimizer state (4-8 bytes per parameter, 32-64 GB at 8B) stays in the file (page cache, shared
+        # by the processes of a node); each process reads the slices of its own shards when the optimizer is
+        # filled, after the models are built. weights_only: never unpickles arbitrary objects.
+        return torch.load(states[-1], map_location="cpu", weights_only=True, mmap=True)
 
     def _load_recipe_state(self, state: dict) -> None:
         if state["seed"] != self.seed:
@@ -638,7 +885,7 @@ class SAPORecipe(FTRecipeInterface):
             segments = generate_segments(
                 generator, contexts, [plan[i][1] for i in mine], n_steps, self.pad_id, self.stop_ids,
                 [row_seed(self.seed, self.step, micro, i) for i in mine], cfg.temperature, cfg.top_p, cfg.top_k,
-                cache_dtype=self.compute_dtype if self.mixed else next(generator.parameters()).dtype)
+                cache_dtype=self.compute_dtype if self.mixed else next(generator.parameters()).dtype, device=self.device)
         if self.world_size > 1:   # every process gets every segment, in row order
             padded = torch.full((B, n_steps), -1, dtype=torch.long, device=self.device)
             for i, s in enumerate(segments):
@@ -696,64 +943,104 @@ class SAPORecipe(FTRecipeInterface):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = float(cfg.get("clip_grad_norm") or float("inf"))
         save_every = int(cfg.get("save_every_n_steps") or 0)
-        n_samples = sum(1 for _ in open(self.samples_path)) if self.samples_path.exists() else 0
+        self.n_samples = sum(1 for _ in open(self.samples_path)) if self.samples_path.exists() else 0
         mine = slice(self.rank * self.B, (self.rank + 1) * self.B)
-        while self.step < self.max_steps:
-            t0 = time.perf_counter()
-            # (1) EMA update, before this step's gradient update
-            self._ema_update()
-            self.optimizer.zero_grad(set_to_none=True)
-            accum, gen_tokens, gen_time = [], 0, 0.0
-            for micro in range(self.grad_accum):
-                # (2) self-augmented negatives for the fresh prompts, written by the EMA model
-                fresh = [self.examples[i] for i in self.stream.next(self.global_batch)]
-                tg = time.perf_counter()
-                tuples = self._make_negatives(fresh, micro)
-                gen_time += time.perf_counter() - tg
-                gen_tokens += sum(t["segment_len"] for t in tuples)
-                # (3) into the replay buffer; (4) the loss on a batch sampled from it (this process's rows)
-                self.buffer.push(tuples)
-                batch = self.buffer.sample(self.global_batch, self.rng)[mine]
-                loss, m = self._loss(batch)
-                (loss / self.grad_accum).backward()
-                accum.append(m)
-                if self.is_rank_zero and n_samples < cfg.get("num_samples", 8):
-                    with open(self.samples_path, "a") as fh:
-                        for tpl in tuples[: cfg.get("num_samples", 8) - n_samples]:
-                            fh.write(json.dumps(describe_tuple(_Decoder(self.tokenizer), tpl, self.step + 1), ensure_ascii=False) + "\n")
-                            n_samples += 1
-            # (5) the optimizer step; a NaN/inf loss or gradient skips it (sapo.py's --on-nonfinite), on every
-            # process alike: the gradient norm and the averaged loss are the same everywhere
-            grad_norm = _full(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-            metrics = self._mean_over_processes({k: sum(m[k] for m in accum) / len(accum) for k in accum[0]})
-            if math.isfinite(grad_norm.item()) and math.isfinite(metrics["loss"]):
-                self.optimizer.step()
-            elif cfg.get("on_nonfinite", "skip") == "stop":
-                raise RuntimeError(f"non-finite loss or gradient at step {self.step + 1} (loss {metrics['loss']}); "
-                                   "lower the lr, or set on_nonfinite=skip; the last checkpoint is intact")
-            else:   # skip: the weights stay as they were, the step still counts
-                self.skipped += 1
-            self.scheduler.step()
-            self.step += 1
-            # (6) refresh the DPO reference from the EMA every ref_every steps
-            if cfg.method == "sapo-dpo" and self.ref_every > 0 and self.step % self.ref_every == 0:
-                self._refresh_reference()
-            metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                            "nonfinite/skipped": self.skipped,
-                            "buffer/size": len(self.buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
-                            "time/step_s": time.perf_counter() - t0})
-            if self.device.type == "cuda":   # to check scale/README.md's memory plan on real hardware
-                metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                torch.cuda.reset_peak_memory_stats(self.device)
-            if self.is_rank_zero:
-                with open(self.metrics_path, "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
-                if self.metric_logger is not None:
-                    self.metric_logger.log_dict({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
-                if self.step % cfg.get("log_every_n_steps", 1) == 0:
-                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-            if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
-                self.save_checkpoint(self.step)
+        stop = StopSignal()        # SIGTERM / SIGINT: finish this optimizer step, checkpoint, exit 143 / 130
+        reset_peak_rss()           # memory/peak_rss_gib: the training peak, setup excluded
+        try:
+            while self.step < self.max_steps:
+                self._step(trainable, max_norm, save_every, mine)
+                signum = self._agreed(stop.signum, dist.ReduceOp.MAX)   # every process stops after the same step
+                if signum:
+                    if not self._saved_at == self.step:
+                        self.save_checkpoint(self.step)
+                    if self.is_rank_zero:
+                        print(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
+                              f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command plus "
+                              f"resume_from_checkpoint=True", flush=True)
+                    raise Preempted(signum)
+        finally:
+            stop.restore()
+
+    def _step(self, trainable, max_norm: float, save_every: int, mine: slice) -> None:
+        """One optimizer step: EMA update, reference refresh, negatives, loss, backward, optimizer, log, checkpoint."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # (1) EMA update, before this step's gradient update
+        self._ema_update()
+        # (1b) SAPO-DPO: every ref_every completed optimizer steps, reference <- EMA, right after this step's EMA
+        # update and before its loss (the authors' moving_average; step 0's copy would be a no-op)
+        if cfg.method == "sapo-dpo" and self.ref_every > 0 and self.step > 0 and self.step % self.ref_every == 0:
+            self._refresh_reference()
+        self.optimizer.zero_grad(set_to_none=True)
+        accum, gen_tokens, gen_time = [], 0, 0.0
+        for micro in range(self.grad_accum):
+            # (2) self-augmented negatives for the fresh prompts, written by the EMA model
+            fresh = [self.examples[i] for i in self.stream.next(self.global_batch)]
+            tg = time.perf_counter()
+            tuples = self._make_negatives(fresh, micro)
+            gen_time += time.perf_counter() - tg
+            gen_tokens += sum(t["segment_len"] for t in tuples)
+            # (3) into the replay buffer; (4) the loss on a batch sampled from it (this process's rows)
+            self.buffer.push(tuples)
+            batch = self.buffer.sample(self.global_batch, self.rng)
+            shape = (max(len(b["prompt_ids"]) + len(b["chosen_ids"]) for b in batch),
+                     max(max(len(b["chosen_ids"]), len(b["rejected_ids"])) for b in batch))
+            self.max_shape = tuple(max(a, b) for a, b in zip(self.max_shape, shape))
+            batch = batch[mine]
+            loss, m = self._loss(batch)
+            (loss / self.grad_accum).backward()
+            accum.append(m)
+            if self.is_rank_zero and self.n_samples < cfg.get("num_samples", 8):
+                with open(self.samples_path, "a") as fh:
+                    for tpl in tuples[: cfg.get("num_samples", 8) - self.n_samples]:
+                        fh.write(json.dumps(describe_tuple(_Decoder(self.tokenizer), tpl, self.step + 1), ensure_ascii=False) + "\n")
+                        self.n_samples += 1
+        # (5) the optimizer step; a NaN/inf loss or gradient skips it (sapo.py's --on-nonfinite), on every
+        # process alike: the gradient norm and the averaged loss are the same everywhere
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        metrics = self._mean_over_processes({k: sum(m[k] for m in accum) / len(accum) for k in accum[0]})
+        if math.isfinite(grad_norm.item()) and math.isfinite(metrics["loss"]):
+            self.optimizer.step()
+        elif cfg.get("on_nonfinite", "skip") == "stop":
+            raise RuntimeError(f"non-finite loss or gradient at step {self.step + 1} (loss {metrics['loss']}); "
+                               "lower the lr, or set on_nonfinite=skip; the last checkpoint is intact")
+        else:   # skip: the weights stay as they were, the step still counts
+            self.skipped += 1
+        self.scheduler.step()
+        self.step += 1
+        metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                        "nonfinite/skipped": self.skipped,
+                        "buffer/size": len(self.buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+                        "time/step_s": time.perf_counter() - t0})
+        if self.device.type == "cuda":   # to check scale/README.md's memory plan on real hardware
+            metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        # host memory, the largest over processes: peak since setup ended, and (first step) setup's peak and the
+        # runtime before any model (what scale/memory.py checks itself against on CPU)
+        metrics["memory/peak_rss_gib"] = self._agreed(peak_rss_gib(), dist.ReduceOp.MAX)
+        metrics["shape/max_tokens"], metrics["shape/max_response"] = self.max_shape   # |x| + |y+|, max(|y+|, |y-|) so far
+        if self.setup_memory:
+            metrics.update({k: self._agreed(v, dist.ReduceOp.MAX) for k, v in self.setup_memory.items()})
+            self.setup_memory = {}
+        if self.is_rank_zero:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            if self.metric_logger is not None:
+                self.metric_logger.log_dict({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+            if self.step % cfg.get("log_every_n_steps", 1) == 0:
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
+            self.save_checkpoint(self.step)
+            self._saved_at = self.step
+
+    def _agreed(self, value: float, op) -> float:
+        """value all-reduced with op (MAX, SUM) over processes."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.item()
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -830,22 +1117,40 @@ def init_distributed(cfg: DictConfig) -> None:
     one-process group, so that the same code (barriers, state-dict gathers) runs everywhere."""
     device_type = torch.device(cfg.device).type
     backend = training.get_distributed_backend(device_type, offload_ops_to_cpu=cfg.get("fsdp_cpu_offload", False))
+    # every collective (and the barrier while process 0 writes a checkpoint: about 100 GB at 8B) may take this long
+    timeout = datetime.timedelta(minutes=int(cfg.get("dist_timeout_minutes", 60)))
     if training.is_distributed():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """SAPO (Self-Augmented Preference Optimization) with torchtune. See scale/configs/*.yaml."""
+    try:
+        check_config(cfg)
+    except ConfigError as e:   # before any process group: one line, no traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     init_distributed(cfg)
     if cfg.get("fsdp_cpu_offload", False):
         training.set_torch_num_threads()
     config.log_config(recipe_name="SAPORecipe", cfg=cfg)
-    recipe = SAPORecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
+    recipe = None
+    try:
+        recipe = SAPORecipe(cfg)
+        recipe.setup(cfg)
+        recipe.train()
+    except ConfigError as e:   # found while loading (data, checkpoint shapes): one line, no traceback
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        sys.exit(2)
+    except Preempted as e:
+        recipe.cleanup()
+        sys.exit(128 + e.signum)
     recipe.cleanup()
 
 

@@ -33,6 +33,14 @@ SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
 TINY_VOCAB = TINY_BASE_VOCAB + len(SPECIAL_TOKENS)   # 322: tiny_cpu.yaml's model.vocab_size
 TINY_MODEL = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
                   max_seq_len=512, rope_base=500_000, norm_eps=1e-5)   # = tiny_cpu.yaml's model section
+# A mid-size random Llama-3 (231 M parameters: 12 layers of 13.6 M, a 32768 x 1024 embedding and output layer)
+# for host-memory measurements (scale/measure_memory.py): the same tokenizer; token ids >= 322 are never used
+MID_VOCAB = 32768
+MID_MODEL = dict(num_layers=12, num_heads=16, num_kv_heads=4, embed_dim=1024, intermediate_dim=3584,
+                 max_seq_len=512, rope_base=500_000, norm_eps=1e-5)
+# 8 of those layers and the tiny vocabulary: 109 M parameters, what the tests measure in a few minutes
+SMALL_MODEL = {**MID_MODEL, "num_layers": 8}
+SHAPES = {"tiny": (TINY_MODEL, TINY_VOCAB), "small": (SMALL_MODEL, TINY_VOCAB), "mid": (MID_MODEL, MID_VOCAB)}
 
 # Meta's Llama-3 chat format, as transformers' template (what tokenize_messages of torchtune's Llama3Tokenizer writes)
 LLAMA3_CHAT_TEMPLATE = (
@@ -85,8 +93,10 @@ def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> Path:
     return path
 
 
-def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1) -> Path:
-    """Write the tiny model folder (see the module docstring) and return its path.
+def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1, model: dict | None = None,
+                     vocab_size: int = TINY_VOCAB) -> Path:
+    """Write the tiny model folder (see the module docstring) and return its path. model / vocab_size: other
+    shapes (MID_MODEL, MID_VOCAB) with the same tokenizer.
 
     initializer_range 0.1 (transformers' default is 0.02) gives logits a spread of about one nat, so greedy
     decoding is far from ties and two implementations of the same model pick the same tokens."""
@@ -104,9 +114,9 @@ def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1) -> Path
     assert len(tok) == TINY_VOCAB and tok.convert_tokens_to_ids("<|begin_of_text|>") == TINY_BASE_VOCAB
     ids = {name: tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
 
-    m = TINY_MODEL
+    m = model or TINY_MODEL
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=m["embed_dim"], intermediate_size=m["intermediate_dim"],
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=m["embed_dim"], intermediate_size=m["intermediate_dim"],
                       num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
                       num_key_value_heads=m["num_kv_heads"], max_position_embeddings=m["max_seq_len"],
                       rope_theta=float(m["rope_base"]), rms_norm_eps=m["norm_eps"], tie_word_embeddings=False,
@@ -120,7 +130,9 @@ def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1) -> Path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m scale.tiny OUTPUT_FOLDER")
-    folder = make_tiny_llama3(sys.argv[1])
-    print(json.dumps({"model_dir": str(folder), "vocab_size": TINY_VOCAB}))
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] != "--mid"):
+        sys.exit("usage: python -m scale.tiny OUTPUT_FOLDER [--mid]")
+    mid = len(sys.argv) == 3
+    folder = make_tiny_llama3(sys.argv[1], model=MID_MODEL if mid else None, vocab_size=MID_VOCAB if mid else TINY_VOCAB,
+                              initializer_range=0.02 if mid else 0.1)
+    print(json.dumps({"model_dir": str(folder), "vocab_size": MID_VOCAB if mid else TINY_VOCAB}))

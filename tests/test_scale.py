@@ -9,14 +9,16 @@ What is compared, and how tightly (measured on the 2-core dev machine, fp32):
     loss, logps/chosen, logps/rejected, rewards/margins, grad_norm; measured gaps ~1e-6 relative
     (asserted 1e-4 relative). Final policy / EMA / reference weights, the recipe's loaded back with
     transformers: max gap ~1e-6 (asserted 1e-4). DPO over 3 steps with gradient accumulation 2 and a
-    reference refresh at step 2; ORPO over 3 steps. One process with batch_size 4 matches the 2 processes.
+    reference refresh at the start of step 3 (after 2 completed steps, right after that step's EMA update: the
+    authors' rule, and sapo.py's); ORPO over 3 steps. One process with batch_size 4 matches the 2 processes. Both
+    sides score each tuple as one row (x and the shared prefix once; torchtune's mask / input_pos in the recipe).
   - Resume. The DPO run above saved steps 2 and 3; a copy with step 3 removed is resumed on 2 processes:
     step 3 reproduces the uninterrupted run exactly (asserted 1e-9; measured 0) and so do the weights.
     LoRA (one process): the same with steps 1-3 and a resume from 2.
   - LoRA (the LoRA config's bf16-mixed, on CPU): step 1's DPO loss is log 2 (the reference is the base with
     adapters disabled and LoRA starts at B = 0); after the refresh the policy and reference differ; the EMA
-    adapters saved at step 2 are exactly 0.5 * EMA(1) + 0.5 * policy(1); the refreshed reference equals the
-    EMA; the merged policy loads in transformers and its v_proj / o_proj weights are base + (alpha / rank) * B @ A
+    adapters saved at step 2 are exactly 0.5 * EMA(1) + 0.5 * policy(1); the reference refreshed at the start of
+    step 3 equals the EMA saved at step 3; the merged policy loads in transformers and its v_proj / o_proj weights are base + (alpha / rank) * B @ A
     (to bf16 rounding).
   - Non-finite steps: the recipe run in this process with a NaN loss injected at step 2 skips that optimizer
     step (policy saved after step 2 == after step 1, bit for bit), counts it and goes on.
@@ -45,6 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 import sapo  # noqa: E402
 from scale import tiny  # noqa: E402
+
+try:   # plumbing (model loading, stop tokens) is moving from sapo.py to sapo_io.py
+    import sapo_io as sio  # noqa: E402
+except ImportError:
+    sio = sapo
 
 pytest.importorskip("torchtune")
 from omegaconf import OmegaConf  # noqa: E402
@@ -143,7 +150,7 @@ def test_tiktoken_tokenizer_matches_transformers(tiny_dir):
         assert a.prompt_ids == b.prompt_ids and a.chosen_ids == b.chosen_ids
     assert ours[0].chosen_ids[-1] == tt.eot_id == hf.eos_token_id      # y+ ends with end-of-turn
     assert ours[0].prompt_ids[0] == tt.bos_id and tt.decode(ours[0].prompt_ids[-4:], skip_special_tokens=False).endswith("<|end_header_id|>\n\n")
-    assert sorted(tt.stop_tokens) == sorted(sapo.stop_token_ids(sapo.load_model_and_tokenizer(str(tiny_dir))[0], hf))
+    assert sorted(tt.stop_tokens) == sorted(sio.stop_token_ids(sio.load_model_and_tokenizer(str(tiny_dir))[0], hf))
 
 
 def test_sentencepiece_tokenizer_split(tmp_path):
@@ -170,7 +177,7 @@ def test_sentencepiece_tokenizer_split(tmp_path):
 def test_logps_match_sapo_sequence_logps(tiny_dir, tmp_path):
     """Per-sequence summed log-probs of response tokens: torchtune model with the output layer at response
     positions only (scale) == transformers model (sapo.sequence_logps), same collate and masks."""
-    hf_model, hf_tok = sapo.load_model_and_tokenizer(str(tiny_dir))
+    hf_model, hf_tok = sio.load_model_and_tokenizer(str(tiny_dir))
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
     ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:5]
     batch = [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.chosen_ids[: 7 + 3 * i]}
@@ -185,12 +192,12 @@ def test_logps_match_sapo_sequence_logps(tiny_dir, tmp_path):
 def test_greedy_segments_match_transformers_generate(tiny_dir, tmp_path):
     """top_k = 1 in our KV-cached loop (left padding, torchtune masks and positions) == transformers' greedy
     generate via sapo.generate_segments, on contexts of different lengths, up to and including the first stop."""
-    hf_model, hf_tok = sapo.load_model_and_tokenizer(str(tiny_dir))
+    hf_model, hf_tok = sio.load_model_and_tokenizer(str(tiny_dir))
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
     ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:4]
     contexts = [e.prompt_ids + e.chosen_ids[: 5 * i] for i, e in enumerate(ex)]
     new = [12, 5, 12, 9]
-    stop = sapo.stop_token_ids(hf_model, hf_tok)
+    stop = sio.stop_token_ids(hf_model, hf_tok)
     ours = R.generate_segments(tt_model, contexts, new, max(new), hf_tok.pad_token_id, stop, [0] * 4, top_k=1)
     theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, do_sample=False)
 
@@ -292,7 +299,8 @@ def test_big_configs_build_and_shard_on_meta(name, one_process_group):
 def dpo_runs(tiny_dir, tmp_path_factory):
     """The tiny SAPO-DPO run on 2 gloo processes (tiny_cpu.yaml, greedy negatives), and sapo.py on the same."""
     tmp = tmp_path_factory.mktemp("dpo")
-    tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp / "recipe", top_k=1)
+    log = tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp / "recipe", top_k=1)
+    assert "log-probs: one row per tuple (shared prefix)" in log        # torchtune honours mask / input_pos here
     sapo_train(tmp / "sapo", tiny_dir, method="sapo-dpo", max_steps=3)
     return tmp / "recipe", tmp / "sapo"
 
@@ -328,7 +336,7 @@ def test_one_process_matches_two_processes(dpo_runs, tmp_path, tiny_dir):
 def test_resume_continues_like_an_uninterrupted_run(dpo_runs, tmp_path, tiny_dir):
     """Checkpoint at step 2 of the run above (policy, EMA, reference, optimizer, buffer, data position, RNG,
     step); a crash after step 2 is a copy without step 3. Resuming on 2 processes reproduces step 3, which
-    starts from the reference refreshed at step 2."""
+    starts with the EMA update and the reference refresh due after 2 steps."""
     recipe, _ = dpo_runs
     out = tmp_path / "resumed"
     shutil.copytree(recipe, out)
@@ -422,9 +430,11 @@ def test_lora_one_process(tiny_dir, tmp_path):
     assert ema2.keys() == pol1.keys() and all("lora" in k for k in ema2)
     for k in ema2:                                                     # theta_ema <- 0.5 theta_ema + 0.5 theta, adapters only
         torch.testing.assert_close(ema2[k], 0.5 * ema1[k] + 0.5 * pol1[k], rtol=0, atol=1e-7)
-    assert not (out / "ref" / "epoch_1").exists()                      # before the first refresh: base, adapters off
-    ref2 = adapters("ref", 2)
-    assert all(torch.equal(ref2[k], ema2[k]) for k in ema2)            # refresh at step 2: reference <- EMA
+    # the refresh due after 2 steps happens at the start of step 3, right after its EMA update (the authors' rule):
+    # until then the reference is the base (adapters off, nothing saved); then it equals the EMA saved at step 3
+    assert not (out / "ref" / "epoch_1").exists() and not (out / "ref" / "epoch_2").exists()
+    ref3, ema3 = adapters("ref", 3), adapters("ema", 3)
+    assert all(torch.equal(ref3[k], ema3[k]) for k in ema3) and not all(torch.equal(ema2[k], ema3[k]) for k in ema3)
     assert not list((out / "ema" / "epoch_2").glob("model-*.safetensors"))
     assert all(v.dtype == torch.float32 for v in pol1.values())          # adapters trained in fp32
     # the merged policy loads in transformers: W = W_base + (alpha / rank) * B @ A, in the base's bf16 (v_proj
