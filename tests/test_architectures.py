@@ -40,7 +40,10 @@ def arch_dirs(tmp_path_factory):
 
 
 def load(path):
-    return sapo.load_model(str(path)), sapo.load_tokenizer(str(path))
+    """The model as train() holds it (loaded, dropout switched off: sapo.disable_dropout), and its tokenizer."""
+    model = sapo.load_model(str(path))
+    sapo.disable_dropout(model)
+    return model, sapo.load_tokenizer(str(path))
 
 
 def hand_tuples(V, eos, seed=0):
