@@ -75,7 +75,8 @@ def model_shapes(cfg_model) -> Shapes:
     P_out = sum(p.numel() for n, p in out.named_parameters() if "lora" not in n) if isinstance(out, torch.nn.Module) else 0
     attn = layer.attn
     D = m.tok_embeddings.embedding_dim
-    F = layer.mlp.w1.out_features if hasattr(layer.mlp, "w1") else 4 * D
+    w1 = getattr(layer.mlp, "w1", None)
+    F = w1.weight.shape[0] if w1 is not None and hasattr(w1, "weight") else 4 * D
     return Shapes(P=P, P_layer=P_layer, P_out=P_out or m.tok_embeddings.weight.numel(), L=len(m.layers), D=D, F=F,
                   kv=attn.num_kv_heads * attn.head_dim, V=m.tok_embeddings.num_embeddings, adapters=adapters)
 
@@ -141,7 +142,7 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     autocast_cache = 0.0
     if mixed and not fsdp_mp and not lora:
         autocast_cache = 2 * s.P                                           # bf16 copy of every trained fp32 weight
-    act_b = c if (fsdp_mp or dtype != "bf16-mixed") else 4                  # residual stream dtype
+    act_b = c if (fsdp_mp or lora or not mixed) else 4                      # residual stream: fp32 embeddings -> 4
     tokens = B * (T + R) if shared_prefix else B * 2 * T
     row_len = (T + R) if shared_prefix else T
     rows = B if shared_prefix else 2 * B

@@ -104,15 +104,28 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.checkpointing._utils import safe_torch_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import sapo` also when launched from elsewhere
-from sapo import (Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss,  # noqa: E402
-                  ema_update, logps_from_logits, lr_lambda, orpo_loss, preference_metrics, response_targets,
-                  shared_prefix_len, splice_negative, truncation_point)
-from sapo import preference_logps as sapo_preference_logps  # noqa: E402
+import sapo  # noqa: E402
 
-try:   # plumbing is moving from sapo.py to sapo_io.py
-    from sapo_io import parse_row, read_rows  # noqa: E402
+try:   # plumbing (rows, checkpoints, LR schedule, prompt stream, ...) is moving from sapo.py to sapo_io.py
+    import sapo_io  # noqa: E402
 except ImportError:
-    from sapo import parse_row, read_rows  # noqa: E402
+    sapo_io = None
+
+
+def _from_sapo(name: str):
+    """A name from sapo.py, else from its plumbing module sapo_io.py (wherever it lives today)."""
+    for module in (sapo, sapo_io):
+        if module is not None and hasattr(module, name):
+            return getattr(module, name)
+    raise ImportError(f"{name} is in neither sapo.py nor sapo_io.py")
+
+
+(Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss, ema_update, logps_from_logits, lr_lambda,
+ orpo_loss, preference_metrics, response_targets, shared_prefix_len, splice_negative, truncation_point, parse_row,
+ read_rows, sapo_preference_logps) = map(_from_sapo, (
+    "Example", "PromptStream", "ReplayBuffer", "copy_weights", "describe_tuple", "dpo_loss", "ema_update",
+    "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_len",
+    "splice_negative", "truncation_point", "parse_row", "read_rows", "preference_logps"))
 
 log = utils.get_logger("INFO")
 DTYPES = ("fp32", "bf16", "bf16-mixed")
@@ -353,9 +366,18 @@ def check_shared_prefix(model, device, tol: float = 1e-4, enabled: bool = True) 
         except (TypeError, ValueError, RuntimeError) as e:   # the model rejects the arguments
             log.info(f"shared-prefix layout unavailable ({type(e).__name__}: {e}); two rows per tuple")
         model.train(was_training)
+        reshard(model)   # a forward without backward leaves a fsdp_reshard_after_forward=False model gathered
         ok = _all(ok, device)
     model.sapo_shared_prefix = ok
     return ok
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to shards (a no-op where they already are): with fsdp_reshard_after_forward False a forward leaves
+    the gathered weights as the module's parameters until a backward reshards them."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def preference_logps(model, batch: list[dict], pad_id: int, device):
@@ -844,7 +866,8 @@ class SAPORecipe(FTRecipeInterface):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mixed else contextlib.nullcontext()
 
     def _ema_update(self) -> None:
-        """theta_ema <- b*theta_ema + (1-b)*theta (LoRA: adapter weights only)."""
+        """theta_ema <- b*theta_ema + (1-b)*theta (LoRA: adapter weights only), shard by shard."""
+        reshard(self.policy)
         ema_update(self.ema, self.live if self.lora else self.policy, self.cfg.ema_decay)
 
     def _refresh_reference(self) -> None:
@@ -957,7 +980,7 @@ class SAPORecipe(FTRecipeInterface):
                     if self.is_rank_zero:
                         print(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
                               f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command plus "
-                              f"resume_from_checkpoint=True", flush=True)
+                              f"resume_from_checkpoint=True; exit status {128 + int(signum)}", flush=True)
                     raise Preempted(signum)
         finally:
             stop.restore()

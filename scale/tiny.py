@@ -38,8 +38,8 @@ TINY_MODEL = dict(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, inter
 MID_VOCAB = 32768
 MID_MODEL = dict(num_layers=12, num_heads=16, num_kv_heads=4, embed_dim=1024, intermediate_dim=3584,
                  max_seq_len=512, rope_base=500_000, norm_eps=1e-5)
-# 8 of those layers and the tiny vocabulary: 109 M parameters, what the tests measure in a few minutes
-SMALL_MODEL = {**MID_MODEL, "num_layers": 8}
+# 4 of those layers and the tiny vocabulary: 55 M parameters, what the tests measure in a few minutes
+SMALL_MODEL = {**MID_MODEL, "num_layers": 4}
 SHAPES = {"tiny": (TINY_MODEL, TINY_VOCAB), "small": (SMALL_MODEL, TINY_VOCAB), "mid": (MID_MODEL, MID_VOCAB)}
 
 # Meta's Llama-3 chat format, as transformers' template (what tokenize_messages of torchtune's Llama3Tokenizer writes)

@@ -3,7 +3,7 @@
 What each test shows (CPU, 2 cores; tune run on 2 gloo processes where it says so):
   - Mixed precision: the trained model's FSDP2 units carry MixedPrecisionPolicy(bf16 params, fp32 reduce) under
     bf16-mixed, the EMA / reference none (already bf16) and always reshard after forward.
-  - Memory (2 processes, a 109 M-parameter random Llama-3, bf16-mixed): the training peak RSS with FSDP mixed
+  - Memory (2 processes, a 55 M-parameter random Llama-3, bf16-mixed): the training peak RSS with FSDP mixed
     precision is below the run without it by at least half of the bf16 weight copy autocast caches (2 bytes per
     parameter); a resume's peak RSS is <= 1.2 x the training peak; scale/memory.py's estimate is within 15% of
     each measured training peak; checkpoint files have the sizes it states. (The 231 M-parameter figures in
@@ -47,7 +47,7 @@ from scale import sapo_recipe as R  # noqa: E402
 CONFIGS = ROOT / "scale" / "configs"
 DATA = ROOT / "data" / "ifeval_lite_train.jsonl"
 TUNE = str(Path(sys.executable).with_name("tune")) if Path(sys.executable).with_name("tune").exists() else "tune"
-# scale/tiny.py's SMALL_MODEL, 109 M parameters: big enough that the autocast weight cache (218 MB) stands out
+# scale/tiny.py's SMALL_MODEL, 55 M parameters: the autocast weight cache (110 MB) stands out of RSS noise
 SMALL_MODEL = tiny.SMALL_MODEL
 
 
@@ -146,7 +146,7 @@ def test_reshard_false_with_lora_is_rejected(tiny_dir, tmp_path):
 def test_vocabulary_mismatch_is_rejected(tiny_dir, tmp_path, nproc):
     """The tiny checkpoint has 322 rows; a builder with 400 (as Mistral v0.3's 32768 into mistral_7b's 32000)."""
     p = run(CONFIGS / "tiny_cpu.yaml", nproc, model_dir=tiny_dir, output_dir=tmp_path / "o", **{"model.vocab_size": 400})
-    line = assert_one_line_error(p, "model:", "tok_embeddings.weight", "(400, 32)", "(322, 32)", "vocab")
+    line = assert_one_line_error(p, "model:", ".weight with shape (400, 32)", "(322, 32)", "vocabulary")
     if nproc == 1:
         assert p.returncode == 2 and "Traceback" not in p.stdout + p.stderr
     assert line
@@ -172,7 +172,7 @@ def test_shared_prefix_layout_matches_two_rows(tiny_dir, tmp_path):
     model = tiny_torchtune_model(tiny_dir, tmp_path)
     tok = tiny_tokenizer(tiny_dir)
     pad = tok.pad_id
-    ex = R.load_examples(str(DATA), tok, 384, 256)[0][:6]
+    ex = R.load_examples(str(DATA), "train", tok, 384, 256)[0][:6]
     batch = []
     for i, e in enumerate(ex):          # y- shares 0, a few, or all-but-one tokens with y+, and has its own tail
         k = [0, 3, 9, len(e.chosen_ids) - 1, 5, 1][i]
@@ -239,7 +239,7 @@ def test_reference_refresh_at_step_start(tiny_dir, tmp_path, one_process_group, 
         if step in (3, 5):
             assert torch.equal(ref, ema), step                           # refreshed, right after the EMA update
         else:
-            assert not torch.equal(ref, ema), step
+            assert step == 1 or not torch.equal(ref, ema), step         # (step 1: all three are the SFT model)
             previous = seen[i - 1][1] if i else initial
             assert previous is None or torch.equal(ref, previous), step  # untouched between refreshes
         if i == 0:
@@ -283,7 +283,8 @@ def test_sigterm_stops_after_the_step_and_resumes_identically(tiny_dir, tmp_path
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out).group(1))
     assert 2 <= stopped < 10, out[-3000:]
     assert f"recipe_state/step_{stopped}.pt" in out and "resume_from_checkpoint=True" in out
-    assert re.search(r"exitcode\s*:\s*143", out) or p.returncode == 143, out[-3000:]
+    # the workers exit 143; torchrun, itself signalled, does not report their status and exits 1
+    assert f"exit status 143" in out and p.returncode != 0, out[-3000:]
     assert (cut / "recipe_state" / f"step_{stopped}.pt").exists()
     assert [m["step"] for m in metrics(cut / "metrics.jsonl")] == list(range(1, stopped + 1))
     ok(run(CONFIGS / "tiny_cpu.yaml", 2, output_dir=cut, resume_from_checkpoint=True, **common))
@@ -334,7 +335,7 @@ def small_memory_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("mem")
     tiny.make_tiny_llama3(out / "model", model=SMALL_MODEL, vocab_size=tiny.TINY_VOCAB, initializer_range=0.02)
     lines = subprocess.run([sys.executable, "-m", "scale.measure_memory", str(out), "--steps", "2", "--shape", "small",
-                            "--max-length", "256"],
+                            "--max-length", "192"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert lines.returncode == 0, (lines.stdout + lines.stderr)[-4000:]
     assert measure_memory
