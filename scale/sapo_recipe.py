@@ -973,14 +973,14 @@ class SAPORecipe(FTRecipeInterface):
         try:
             while self.step < self.max_steps:
                 self._step(trainable, max_norm, save_every, mine)
-                signum = self._agreed(stop.signum, dist.ReduceOp.MAX)   # every process stops after the same step
+                signum = int(self._agreed(stop.signum, dist.ReduceOp.MAX))   # every process stops after the same step
                 if signum:
                     if not self._saved_at == self.step:
                         self.save_checkpoint(self.step)
                     if self.is_rank_zero:
                         print(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
                               f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command plus "
-                              f"resume_from_checkpoint=True; exit status {128 + int(signum)}", flush=True)
+                              f"resume_from_checkpoint=True; exit status {128 + signum}", flush=True)
                     raise Preempted(signum)
         finally:
             stop.restore()
