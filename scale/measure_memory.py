@@ -49,7 +49,7 @@ def tune_run(config: Path, nproc: int, **overrides) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-4000:]}")
 
 
-def summarize(name: str, run: Path, config: Path, nproc: int, first_step: int = 1) -> dict:
+def summarize(name: str, run: Path, config: Path, nproc: int, first_step: int = 1, **overrides) -> dict:
     from omegaconf import OmegaConf
     from scale import memory
     lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
@@ -57,7 +57,7 @@ def summarize(name: str, run: Path, config: Path, nproc: int, first_step: int = 
     first = mine[0]
     T, R = max(m["shape/max_tokens"] for m in mine), max(m["shape/max_response"] for m in mine)
     runtime = first["memory/runtime_rss_gib"] * 2**30 / 1e9
-    cfg = OmegaConf.load(config)
+    cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.create(overrides))   # the run's own overrides
     est = memory.estimate(cfg, nproc, seq_len=T, response_len=R, runtime_gb=runtime)
     train_peak = max(m["memory/peak_rss_gib"] for m in mine) * 2**30
     return {"run": name, "nproc": nproc, "T": T, "R": R, "runtime_gb": round(runtime, 3),
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         run = out / name
         shutil.rmtree(run, ignore_errors=True)
         tune_run(config, 2, output_dir=run, **extra)
-        results.append(summarize(name, run, config, 2))
+        results.append(summarize(name, run, config, 2, **extra))
         print(json.dumps(results[-1]), flush=True)
     # resume run 1 from its step (steps - 1): a copy without the last checkpoint
     src, run = out / "fsdp_mixed_precision", out / "resume"
