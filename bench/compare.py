@@ -25,7 +25,7 @@ The protocol, and where each choice is made:
            With the defaults (32 prompts, 16 steps of 4) every method makes two passes over the subset, and
            each of SPIN's 2 iterations regenerates all 32 negatives and trains one pass on them.
   eval     greedy answers to the first --eval-size held-out prompts (topics disjoint from train), scored by
-           bench/ifeval_lite.py: strict prompt-level accuracy (every constraint met) and loose
+           tasks/ifeval_lite.py: strict prompt-level accuracy (every constraint met) and loose
            instruction-level accuracy (IFEval's); the held-out chosen log-prob per token; and the pair accuracy
            (how often log pi(y+) per token beats the held-out dataset `rejected`, which differs from y+ by one
            broken constraint; offline dpo/orpo train on exactly such pairs, SAPO/SPIN never see one). The same
@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import sapo  # noqa: E402
-from bench.ifeval_lite import score  # noqa: E402
+from tasks.ifeval_lite import score  # noqa: E402
 
 METHODS = ("sapo-dpo", "sapo-orpo", "dpo", "orpo", "spin", "sft")   # table order: fixed, never sorted by score
 METRICS = {   # key in the evaluation -> column title

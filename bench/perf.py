@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import sapo  # noqa: E402
+import sapo_io  # noqa: E402
 
 GB = 1e9
 
@@ -364,7 +365,7 @@ def memory_child(args) -> dict:
     base = rss_gb()
     cfg = make_config(args, args.memory_child)
     device = torch.device("cpu")
-    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
     batch, examples = load_batch(args, tok)
     pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
     policy.train()
@@ -469,7 +470,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
     log("loading model")
-    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
     policy.train()
     init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     ties_at_start = bf16_ties(policy)
@@ -649,7 +650,7 @@ def run_levers(args) -> dict:
     its fallback for models that ignore 4D masks); fused AdamW; both."""
     res: dict = {"command": args.command, "mode": "levers", "machine": machine_info()}
     device = torch.device("cpu")
-    policy, tok = sapo.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
     policy.train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     batch, _ = load_batch(args, tok)

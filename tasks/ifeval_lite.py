@@ -41,8 +41,8 @@ markers).
 
 CLI::
 
-    python -m bench.ifeval_lite --seed 0 --n-train 400 --n-heldout 100 --out data/
-    python -m bench.ifeval_lite --check outputs.jsonl   # rows with "response" + "constraints"
+    python -m tasks.ifeval_lite --seed 0 --n-train 400 --n-heldout 100 --out data/
+    python -m tasks.ifeval_lite --check outputs.jsonl   # rows with "response" + "constraints"
 """
 from __future__ import annotations
 
@@ -471,7 +471,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.ifeval_lite", description=(__doc__ or "").split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tasks.ifeval_lite", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-heldout", type=int, default=100)

