@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import sapo  # noqa: E402
-from tasks.ifeval_lite import score  # noqa: E402
+from tasks.ifeval_lite import check, check_loose, score  # noqa: E402
 
 METHODS = ("sapo-dpo", "sapo-orpo", "dpo", "orpo", "spin", "sft")   # table order: fixed, never sorted by score
 METRICS = {   # key in the evaluation -> column title
@@ -67,7 +67,12 @@ METRICS = {   # key in the evaluation -> column title
     "instruction_loose_acc": "loose instruction acc",
     "logps_chosen_per_token": "chosen log-prob / token",
     "pair_acc": "pair acc vs dataset y-",
+    "reward_acc": "reward acc vs SFT start",
+    "reward_margin": "reward margin vs SFT start",
 }
+PAIRED = ("prompt_strict_acc", "instruction_loose_acc", "reward_acc", "reward_margin")   # bootstrapped differences
+BETA = 0.1          # the implicit reward's beta (sapo.Config's default), r(y) = BETA * (log pi(y|x) - log pi_sft(y|x))
+N_BOOTSTRAP = 10_000
 # Seconds on 2 idle cores for SmolLM2-135M at batch 4 (fp32), for the time estimate printed at the start. Measured
 # as single-thread CPU time on a busy machine (SFT step 6.5 s, DPO 19.3, ORPO 13.5, a SAPO segment batch 6.3 + EMA 0.4,
 # SPIN's whole responses 10.5 per 4 prompts, one greedy held-out answer of <= 96 tokens 2.7), all divided by the one
@@ -194,6 +199,7 @@ class HeldOut:
             raise SystemExit("a held-out row is too long for this tokenizer at max length 512: pairs would not line up")
         self.rejected = [sapo.encode_response(self.tok, r["rejected"]) for r in rows]
         self.max_new_tokens = max_new_tokens
+        self.start = None   # the SFT start's per-prompt evaluation, once known: implicit rewards are measured from it
 
     @torch.no_grad()
     def evaluate(self, model, n: int | None = None) -> dict:
@@ -202,27 +208,65 @@ class HeldOut:
         was_training = model.training
         model.eval()
         device, pad = next(model.parameters()).device, self.tok.pad_token_id
-        pos, neg = [], []
+        pos, neg, n_pos, n_neg = [], [], [], []
         for i in range(0, len(examples), EVAL_BATCH):
             chunk = examples[i: i + EVAL_BATCH]
             pairs = [(e.prompt_ids, e.chosen_ids) for e in chunk] + [(e.prompt_ids, r) for e, r in zip(chunk, rejected[i:])]
             lp, count = sapo.sequence_logps(model, **sapo.collate(pairs, pad, device))
-            pos += (lp[: len(chunk)] / count[: len(chunk)]).tolist()
-            neg += (lp[len(chunk):] / count[len(chunk):]).tolist()
+            pos += lp[: len(chunk)].tolist()
+            neg += lp[len(chunk):].tolist()
+            n_pos += count[: len(chunk)].tolist()
+            n_neg += count[len(chunk):].tolist()
         answers = sapo.instruction_following(model, self.tok, examples, sapo.stop_token_ids(model, self.tok),
                                              self.max_new_tokens, EVAL_BATCH)["responses"]
         model.train(was_training)
-        return with_metrics({"logps_chosen": pos, "logps_rejected": neg, "responses": answers,
-                             "constraints": [e.constraints for e in examples]})
+        return with_metrics({"logps_chosen": [a / n for a, n in zip(pos, n_pos)],
+                             "logps_rejected": [a / n for a, n in zip(neg, n_neg)],
+                             "sum_chosen": pos, "sum_rejected": neg, "responses": answers,
+                             "constraints": [e.constraints for e in examples]}, start=self.start)
 
 
-def with_metrics(per_prompt: dict, n: int | None = None) -> dict:
-    """Metrics of the first n prompts of a per-prompt evaluation (so a curve point can be read off the final one)."""
+def with_metrics(per_prompt: dict, n: int | None = None, start: dict | None = None) -> dict:
+    """Metrics of the first n prompts of a per-prompt evaluation (so a curve point can be read off the final one).
+    Per prompt it also keeps what the paired bootstrap resamples: strict (0/1), loose (met, of), and, against the
+    SFT start `start`, the implicit rewards r(y) = BETA*(log pi(y|x) - log pi_sft(y|x)) of the held-out y+ and the
+    dataset's y-: margin r(y+) - r(y-), and whether it is > 0. With no start, the model is the start (rewards 0)."""
     cut = {k: v[:n] for k, v in per_prompt.items() if isinstance(v, list)}
-    s = score(cut["responses"], [{"constraints": c} for c in cut["constraints"]])
+    rows = [{"constraints": c} for c in cut["constraints"]]
+    s = score(cut["responses"], rows)
+    cut["strict"] = [float(all(check(r, row["constraints"]))) for r, row in zip(cut["responses"], rows)]
+    cut["loose_met"] = [sum(check_loose(r, row["constraints"])) for r, row in zip(cut["responses"], rows)]
+    cut["loose_of"] = [len(row["constraints"]) for row in rows]
+    base = {k: v[:n] for k, v in start.items() if k in ("sum_chosen", "sum_rejected")} if start else cut
+    cut["margin"] = [BETA * ((p - p0) - (r - r0)) for p, p0, r, r0 in
+                     zip(cut["sum_chosen"], base["sum_chosen"], cut["sum_rejected"], base["sum_rejected"])]
     pairs = list(zip(cut["logps_chosen"], cut["logps_rejected"]))
     return {**cut, "n": len(pairs), "prompt_strict_acc": s["prompt_strict_acc"], "instruction_loose_acc": s["instruction_loose_acc"],
-            "logps_chosen_per_token": statistics.fmean(cut["logps_chosen"]), "pair_acc": statistics.fmean(p > r for p, r in pairs)}
+            "logps_chosen_per_token": statistics.fmean(cut["logps_chosen"]), "pair_acc": statistics.fmean(p > r for p, r in pairs),
+            "reward_acc": statistics.fmean(m > 0 for m in cut["margin"]), "reward_margin": statistics.fmean(cut["margin"])}
+
+
+PER_PROMPT = {   # metric -> (numerator per prompt, denominator per prompt): the metric is sum(num) / sum(den)
+    "prompt_strict_acc": lambda ev: (ev["strict"], [1.0] * len(ev["strict"])),
+    "instruction_loose_acc": lambda ev: (ev["loose_met"], ev["loose_of"]),
+    "reward_acc": lambda ev: ([float(m > 0) for m in ev["margin"]], [1.0] * len(ev["margin"])),
+    "reward_margin": lambda ev: (ev["margin"], [1.0] * len(ev["margin"])),
+}
+
+
+def paired_ci(runs_a: list[dict], runs_b: list[dict], key: str, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> dict:
+    """Difference a - b of a metric over the same held-out prompts, each side averaged over its seeds per prompt, with
+    a 95% percentile-bootstrap interval from resampling prompts (the same resampled prompts for both sides)."""
+    import numpy as np
+    def per_prompt(runs):
+        parts = [PER_PROMPT[key](r) for r in runs]
+        return np.mean([p[0] for p in parts], axis=0), np.mean([p[1] for p in parts], axis=0)
+    (num_a, den_a), (num_b, den_b) = per_prompt(runs_a), per_prompt(runs_b)
+    idx = np.random.default_rng(seed).integers(0, len(num_a), size=(n_boot, len(num_a)))
+    diffs = num_a[idx].sum(1) / den_a[idx].sum(1) - num_b[idx].sum(1) / den_b[idx].sum(1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": float(num_a.sum() / den_a.sum() - num_b.sum() / den_b.sum()), "lo": float(lo), "hi": float(hi),
+            "n_prompts": len(num_a), "n_boot": n_boot}
 
 
 def metrics_only(ev: dict) -> dict:
@@ -242,7 +286,7 @@ def run(cfg: sapo.Config, heldout: HeldOut, curve_every: int, curve_size: int) -
         t0, cpu0 = time.perf_counter(), time.process_time()
         if step == cfg.max_steps:
             final.update(heldout.evaluate(policy))
-            curve.append({"step": step, **metrics_only(with_metrics(final, curve_size))})
+            curve.append({"step": step, **metrics_only(with_metrics(final, curve_size, heldout.start))})
         elif curve_every and step % curve_every == 0:
             curve.append({"step": step, **metrics_only(heldout.evaluate(policy, curve_size))})
         eval_s += time.perf_counter() - t0
@@ -331,6 +375,8 @@ def main(argv=None) -> int:
               f"{stage1['eval_min']:.1f} min of evaluation: at this speed the table takes "
               f"~{est * stage1['train_min'] * 60 / quiet_s / 60:.0f} min", flush=True)
     start_model = stage1["final_dir"]
+    heldout.start = stage1["final"]                                   # implicit rewards are measured from the SFT start
+    stage1["base"] = with_metrics(stage1["base"], start=heldout.start)
     print(f"base model: {fmt_metrics(stage1['base'])}\nSFT model:  {fmt_metrics(stage1['final'])}", flush=True)
 
     # -- stage 2: every method, every seed, from the SFT model
@@ -363,7 +409,10 @@ def main(argv=None) -> int:
                "stage1": {"base": metrics_only(stage1["base"]), "sft": metrics_only(stage1["final"]),
                           "train_min": stage1["train_min"], "eval_min": stage1["eval_min"]},
                "runs": [{k: v for k, v in r.items() if k != "final"} | {"final": metrics_only(r["final"])} for r in runs],
-               "summary": summarize(runs, args.methods)}
+               "summary": summarize(runs, args.methods),
+               "paired": paired_table(runs, stage1["final"], args.methods),
+               "per_prompt": {f"{r['method']}-seed{r['seed']}": {k: r["final"][k] for k in PER_PROMPT_KEYS} for r in runs}
+               | {"sft-start": {k: stage1["final"][k] for k in PER_PROMPT_KEYS}}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table(results))
@@ -374,6 +423,26 @@ def main(argv=None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- reporting
+
+PER_PROMPT_KEYS = ("strict", "loose_met", "loose_of", "margin")   # kept in results.json: the bootstrap can be redone
+
+
+def paired_table(runs: list[dict], sft_final: dict, methods) -> dict:
+    """For each method: the paired difference to the SFT start and to offline dpo, per PAIRED metric, with CIs."""
+    by = {m: [r["final"] for r in runs if r["method"] == m] for m in methods}
+    out = {}
+    for m in methods:
+        if not by[m]:
+            continue
+        out[m] = {"vs_sft_start": {k: paired_ci(by[m], [sft_final], k) for k in PAIRED}}
+        if m != "dpo" and by.get("dpo"):
+            out[m]["vs_dpo"] = {k: paired_ci(by[m], by["dpo"], k) for k in PAIRED}
+    return out
+
+
+def fmt_ci(c: dict, f: str = "+.3f") -> str:
+    star = " *" if c["lo"] > 0 or c["hi"] < 0 else ""     # the interval excludes 0
+    return f"{c['diff']:{f}} [{c['lo']:{f}}, {c['hi']:{f}}]{star}"
 
 def mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs), "values": xs}
@@ -411,7 +480,20 @@ def table(res: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(pm(d[k]) for k in METRICS) + f" | {pm(d['train_min'], '.1f')} | "
                      f"{pm(d['eval_min'], '.1f')} |")
     lines += ["", f"SFT stage: {st1['train_min']:.1f} min training. Pair acc: held-out y+ vs the dataset's y- (one broken "
-              "constraint) by per-token log-prob; offline dpo/orpo train on such pairs, SAPO and SPIN never see one.", ""]
+              "constraint) by per-token log-prob; offline dpo/orpo train on such pairs, SAPO and SPIN never see one. "
+              f"Reward acc / margin: DPO's implicit reward r(y) = {BETA} * (log pi(y|x) - log pi_sft(y|x)) of the same y+ "
+              "and y-, against the SFT start (0 there by definition): how far training moved y+ above y-.", ""]
+    if res.get("paired"):
+        first = next(iter(next(iter(res["paired"].values()))["vs_sft_start"].values()))
+        lines += [f"Paired differences over the same {first['n_prompts']} held-out prompts (each method averaged over its "
+                  f"seeds per prompt), with 95% percentile-bootstrap intervals ({first['n_boot']} resamples of the "
+                  "prompts); * marks an interval that excludes 0.", "",
+                  "| method | vs | " + " | ".join(METRICS[k] for k in PAIRED) + " |", "|---" * (len(PAIRED) + 2) + "|"]
+        for m, d in res["paired"].items():
+            for vs, label in (("vs_sft_start", "SFT start"), ("vs_dpo", "offline dpo")):
+                if vs in d:
+                    lines.append(f"| {m} | {label} | " + " | ".join(fmt_ci(d[vs][k]) for k in PAIRED) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
