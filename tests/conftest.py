@@ -5,10 +5,18 @@ tiny_gpt2_dir:  a 2-layer GPT-2 with no chat template and no pad token (like `gp
 Both use a byte-level BPE tokenizer trained here on a few sentences, so nothing is downloaded.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property-based tests draw the same examples on every run, so a red CI run is reproducible (hypothesis's default
+# is a new random seed per run). SAPO_HYPOTHESIS=dev explores new examples locally.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", derandomize=False)
+settings.load_profile(os.environ.get("SAPO_HYPOTHESIS", "ci"))
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -52,7 +52,7 @@ def test_orpo_loss_by_hand():
 def test_log1mexp_stable_at_both_ends():
     x = torch.tensor([-1e-10, -1e-3, -0.5, -math.log(2), -1.0, -10.0, -50.0, -200.0], requires_grad=True)
     y = sapo.log1mexp(x)
-    mpmath = pytest.importorskip("mpmath")
+    import mpmath   # a requirement (requirements.txt): the exact reference must not be skipped silently
     mpmath.mp.dps = 50
     exact = torch.tensor([float(mpmath.log(1 - mpmath.exp(mpmath.mpf(v)))) for v in x.tolist()], dtype=torch.float64)
     assert torch.isfinite(y).all()
@@ -413,7 +413,12 @@ def test_tiny_run_changes_parameters_and_loads_back(which, method, request, smal
         assert math.isfinite(metrics[-1][key]), key
     assert [m["buffer/size"] for m in metrics] == [2, 4, 6]
     samples = [json.loads(l) for l in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert samples and all("[[" in s["rejected_marked"] for s in samples)
+    assert samples
+    for s in samples:                      # y- = y+[:t] + [[segment]] + suffix, and the marks sit where t says
+        head, rest = s["rejected_marked"].split("[[", 1)
+        segment, tail = rest.rsplit("]]", 1)
+        assert s["segment_tokens"] >= 1 and segment and head + segment + tail == s["rejected"]
+        assert s["chosen"].startswith(head) and (s["t"] == 0) == (head == "")
     assert summary["before"] and summary["after"]
 
 
@@ -496,4 +501,6 @@ def test_real_default_model_short_run(tmp_path):
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     # real chat-formatted negatives: the prompt is ChatML and the rejected text is real decoded text
     s = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
-    assert s["prompt"].startswith("<|im_start|>") and s["rejected"] and "[[" in s["rejected_marked"]
+    head, rest = s["rejected_marked"].split("[[", 1)
+    assert s["prompt"].startswith("<|im_start|>") and s["rejected"] != s["chosen"]
+    assert s["chosen"].startswith(head) and rest.split("]]", 1)[0]   # y+[:t], then a non-empty regenerated segment
