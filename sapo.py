@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, MetricsLog, PromptStream, StopSignals, Stopped,
                      UserError, append_samples, check_config, latest_checkpoint, load_checkpoint, load_model,
-                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_row, pick_device, prepare_output_dir,
-                     print_summary, read_rows, rng_state, save_checkpoint, save_final, stop_token_ids, trim_jsonl,
-                     write_summary)
+                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_row, parse_rows, pick_device,
+                     prepare_output_dir, print_summary, read_rows, rng_state, save_checkpoint, save_final,
+                     stop_token_ids, trim_jsonl, write_summary)
 
 # transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -65,8 +65,12 @@ class Config:
     # what to train, on what
     model: str = _f(BUNDLED_MODEL, "model: a hub name (gpt2, HuggingFaceTB/SmolLM2-135M-Instruct), a local folder, "
                     f"a .gguf file, or {BUNDLED_MODEL} (bundled, offline)")
-    dataset: str = _f(str(BUNDLED_TRAIN), "training data: a .jsonl file or a hub dataset name; rows "
-                      "{prompt, chosen[, rejected]} or {messages: [...]} (prompt = the turns before the last answer)")
+    dataset: str = _f(str(BUNDLED_TRAIN), "training data: a .jsonl/.json/.parquet/.csv file, a local dataset folder "
+                      "or a hub dataset name; rows {prompt, chosen[, rejected]}, {prompt, completion}, {messages}, "
+                      "{conversations} (ShareGPT) or {instruction[, input], output} (Alpaca), in that precedence")
+    columns: str = _f("", "rename columns for other row layouts, field=column pairs: prompt=question,chosen=answer "
+                      "(fields: prompt chosen rejected completion messages conversations instruction input output); "
+                      "for --dataset and --eval-dataset")
     dataset_split: str = _f("train", "split to use when --dataset is a hub dataset")
     eval_dataset: str = _f("", "held-out prompts for the before/after summary (default: the bundled held-out "
                            "file with the bundled data, otherwise --eval-size prompts held out of --dataset)")
@@ -160,11 +164,10 @@ def encode_response(tok, text: str) -> list[int]:
 
 
 def load_examples(source: str, tok, max_length: int, max_prompt_length: int, split: str = "train",
-                  verbose: bool = True) -> list[Example]:
+                  verbose: bool = True, columns: str = "") -> list[Example]:
     """Read, validate and tokenise a dataset; skip (and count) prompts or examples that are too long."""
     examples, too_long_prompt, too_long = [], 0, 0
-    for where, row in read_rows(source, split):
-        prompt, chosen, rejected = parse_row(row, where)
+    for where, row, (prompt, chosen, rejected) in parse_rows(read_rows(source, split), columns):
         x = encode_prompt(tok, prompt)
         y_pos = encode_response(tok, chosen)
         if len(x) > max_prompt_length:
@@ -186,12 +189,14 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int, spl
 def load_data(cfg: Config, tok, needs_rejected: bool) -> tuple[list[Example], list[Example]]:
     """(training examples, held-out examples). Held-out prompts come from --eval-dataset (or the bundled
     held-out file), else --eval-size prompts are held out of a shuffled --dataset and never trained on."""
-    examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length, cfg.dataset_split)
+    examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length, cfg.dataset_split,
+                             columns=cfg.columns)
     if needs_rejected and any(e.rejected_ids is None for e in examples):
         raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response in every row")
     eval_source = cfg.eval_dataset or (str(BUNDLED_HELDOUT) if Path(cfg.dataset) == BUNDLED_TRAIN else "")
     if eval_source:
-        held_out = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)
+        held_out = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False,
+                                 columns=cfg.columns if cfg.eval_dataset else "")
         return examples, held_out[: cfg.eval_size]
     random.Random(cfg.seed).shuffle(examples)
     n_eval = min(cfg.eval_size, len(examples) // 5)
@@ -624,7 +629,8 @@ def evaluate_model(cfg: Config) -> dict:
     """--eval-only: score a saved or hub model on held-out prompts, with nothing trained or written."""
     tok, device = load_tokenizer(cfg.model, cfg.trust_remote_code), pick_device(cfg.device)
     source = cfg.eval_dataset or str(BUNDLED_HELDOUT)
-    examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False)[: cfg.eval_size]
+    examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, verbose=False,
+                             columns=cfg.columns if cfg.eval_dataset else "")[: cfg.eval_size]
     model = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device,
                        cfg.trust_remote_code).eval()
     batches = [[(e.prompt_ids, e.chosen_ids) for e in examples[i: i + cfg.batch_size]]
