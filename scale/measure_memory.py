@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of the recipe on 2 gloo processes, against scale/memory.py's estimate.
 
     python -m scale.measure_memory /tmp/sapo_mem                          # mid: 231 M parameters, ~15 min on 2 cores
-    python -m scale.measure_memory /tmp/sapo_mem --shape small --steps 2  # 109 M, a few minutes (what the tests run)
+    python -m scale.measure_memory /tmp/sapo_mem --shape small --steps 2  # 55 M, a few minutes (what the tests run)
     python -m scale.measure_memory /tmp/sapo_mem --shape tiny             # the tiny model, ~1 min
 
 Writes the model (scale/tiny.py's SHAPES) unless OUTPUT_FOLDER/model exists, and runs, on 2 processes, bf16-mixed

@@ -26,14 +26,22 @@ compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = re
                   (log-softmax kept for backward) + 4 (its gradient) bytes per entry of the (2 B R, V) logits.
   generation      the EMA gathered whole (gather_generator_weights, W > 1: the (W-1)/W of it other processes hold),
                   its KV cache (L x 2 x kv x (T + G) x B x c) and one layer's prefill activations.
-  runtime         what a process holds before any model: on CPU, python + torch + data (the recipe logs it as
-                  memory/runtime_rss_gib; --runtime-gb overrides); on CUDA the context and NCCL buffers live outside
-                  torch's allocator and are not counted (allow ~1-2 GB per GPU besides).
+  host process baseline (CPU runs only)
+                  what a CPU process holds before any model: python + torch + torchtune + the recipe imported, gloo,
+                  tokenizer and data (HOST_BASELINE_GB, measured; the recipe logs its own as memory/runtime_rss_gib;
+                  --runtime-gb overrides). 0 on CUDA: the context and NCCL buffers live outside torch's allocator and
+                  are not counted (allow ~1-2 GB per GPU besides).
+  checkpoint save process 0 gathers each model's full state dict in turn, then the full optimizer state, into host
+                  memory: max(P x trained dtype, P x optimizer bytes). A phase of the RSS peak on CPU runs; on CUDA
+                  host RAM besides the GPU (printed, not in the GPU peak).
 The training peak is the largest of the phases: generation, reference forward, policy forward + backward,
-optimizer step (torch's foreach optimizers hold temporaries of one state tensor's size, P / W x trained dtype).
+optimizer step (torch's foreach optimizers hold temporaries of one state tensor's size, P / W x trained dtype),
+and on CPU the checkpoint save.
 
-Validated against peak RSS of 2-process CPU runs of a mid-size random Llama-3 (scale/measure_memory.py; the
-table in scale/README.md): within 15% there. Not yet validated on GPUs: no GPU was available.
+Not counted: memory an allocator keeps after tensors are freed. On CPU, glibc keeps freed blocks below its mmap
+threshold (up to 32 MB) in per-thread arenas, so RSS ratchets above the live tensors: on the 55 M-parameter CPU runs
+the estimate is 27% below the measured peak RSS (scale/README.md, scale/memory_phases.py), outside the 15% target.
+Not validated on GPUs: no GPU was available.
 """
 from __future__ import annotations
 
@@ -45,6 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
+# What a CPU process holds before any model (python + torch + torchtune + sapo imported, gloo initialised, tokenizer
+# and data read): measured 0.44 GB on the 2-core dev machine (scale/README.md). GPU memory has no such term.
+HOST_BASELINE_GB = 0.44
 
 
 @dataclass
@@ -172,12 +183,20 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     prefill = B * T * per_token_layer
     gen_phase = ema_gather + kv_cache + prefill + B * s.V * 4 * 3
     opt_phase = (s.P if not lora else s.adapters) * wb / W
+    # process 0 writing a checkpoint: each model's full state dict in turn (gathered into host memory), then the full
+    # optimizer state; host RAM on CUDA (besides the GPU), part of the RSS peak on CPU runs that save mid-training
+    if lora:
+        ckpt_host = 2 * s.P * fb + s.adapters * 4 * 3      # the gathered base + the merged copy, adapters
+    else:
+        ckpt_host = max(s.P * wb, s.P * opt_b)
     if runtime_gb is None:
-        runtime_gb = 0.45 if cpu else 0.0
+        runtime_gb = HOST_BASELINE_GB if cpu else 0.0
     runtime = runtime_gb * GB
 
     phases = {"generation": gen_phase, "reference forward": ref_phase, "policy forward + backward": policy_peak,
               "optimizer step": opt_phase}
+    if cpu:
+        phases["checkpoint save (process 0, host)"] = ckpt_host
     peak_phase = max(phases, key=phases.get)
     peak = runtime + on_device_state + phases[peak_phase]
     # checkpoint sizes: policy in its trained dtype (exact resume), EMA / reference frozen dtype, optimizer state
@@ -189,7 +208,8 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     return {"nproc": W, "batch_size": B, "seq_len": T, "response_len": R, "params": s.P, "adapters": s.adapters,
             "state": state, "state_on_device": on_device_state, "policy_phase": policy_phase, "phases": phases,
             "runtime": runtime, "peak_phase": peak_phase, "peak": peak, "checkpoint": ckpt,
-            "checkpoint_total": sum(ckpt.values()), "offload_host_per_process": state_total if offload else 0.0}
+            "checkpoint_total": sum(ckpt.values()), "offload_host_per_process": state_total if offload else 0.0,
+            "checkpoint_host_process0": ckpt_host}
 
 
 def largest_batch(cfg, nproc: int, budget_gb: float, **kw) -> int:
@@ -213,10 +233,11 @@ def render(e: dict) -> str:
     lines += [f"  {f(e['state_on_device'])}  on the device (0 with fsdp_cpu_offload)", "", "policy forward + backward (GB)"]
     lines += [f"  {f(v)}  {k}" for k, v in e["policy_phase"].items() if v]
     lines += ["", "phases above the sharded state (GB)"] + [f"  {f(v)}  {k}" for k, v in e["phases"].items()]
-    lines += ["", f"  {f(e['runtime'])}  runtime (CPU: python, torch, data; CUDA: not counted)",
+    lines += ["", f"  {f(e['runtime'])}  host process baseline, CPU runs only (python, torch, torchtune, gloo, data)",
               f"peak {e['peak'] / GB:.2f} GB per process, in: {e['peak_phase']}", "",
               "checkpoint (GB): " + ", ".join(f"{k} {v / GB:.1f}" for k, v in e["checkpoint"].items() if v)
-              + f"; total {e['checkpoint_total'] / GB:.1f}"]
+              + f"; total {e['checkpoint_total'] / GB:.1f}",
+              f"host RAM of process 0 while it writes one (full state dicts gathered): {e['checkpoint_host_process0'] / GB:.1f}"]
     return "\n".join(lines)
 
 
@@ -226,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, required=True, help="processes (GPUs) in total")
     ap.add_argument("--seq-len", type=int, default=None, help="prompt + y+ tokens per example (default: max_length)")
     ap.add_argument("--response-len", type=int, default=None, help="response tokens (default: half of --seq-len)")
-    ap.add_argument("--runtime-gb", type=float, default=None, help="per-process memory before any model (CPU default 0.45)")
+    ap.add_argument("--runtime-gb", type=float, default=None, help="host process baseline, CPU runs only (default 0.44)")
     ap.add_argument("--largest-batch", type=float, default=None, metavar="GB",
                     help="print the largest batch_size whose peak fits this many GB per process")
     ap.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")

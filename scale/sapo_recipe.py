@@ -122,10 +122,10 @@ def _from_sapo(name: str):
 
 (Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss, ema_update, logps_from_logits, lr_lambda,
  orpo_loss, preference_metrics, response_targets, shared_prefix_len, splice_negative, truncation_point, parse_row,
- read_rows, sapo_preference_logps) = map(_from_sapo, (
+ read_rows, collate) = map(_from_sapo, (
     "Example", "PromptStream", "ReplayBuffer", "copy_weights", "describe_tuple", "dpo_loss", "ema_update",
     "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_len",
-    "splice_negative", "truncation_point", "parse_row", "read_rows", "preference_logps"))
+    "splice_negative", "truncation_point", "parse_row", "read_rows", "collate"))
 
 log = utils.get_logger("INFO")
 DTYPES = ("fp32", "bf16", "bf16-mixed")
@@ -291,10 +291,14 @@ def sequence_logps(model, input_ids, loss_mask):
 
 
 def two_row_logps(model, batch: list[dict], pad_id: int, device):
-    """sapo.preference_logps's two-row path (one concatenated forward over [y+ rows; y- rows]) with the torchtune
-    log-probs: (sum+, sum-, n+, n-), each (B,)."""
-    return sapo_preference_logps(model, batch, pad_id, device,
-                                 logps_fn=lambda m, input_ids, attention_mask, loss_mask: sequence_logps(m, input_ids, loss_mask))
+    """sapo.preference_logps's two-row path (one concatenated forward over [y+ rows; y- rows], sapo.collate) with
+    the torchtune log-probs: (sum+, sum-, n+, n-), each (B,). (Not through sapo.preference_logps itself: it reads
+    the transformers model.config, which a torchtune decoder has not.)"""
+    pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
+    c = collate(pairs, pad_id, device)
+    logps, counts = sequence_logps(model, c["input_ids"], c["loss_mask"])
+    B = len(batch)
+    return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
 def shared_prefix_layout(batch: list[dict], pad_id: int) -> dict:

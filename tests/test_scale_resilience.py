@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-pytest.importorskip("torchtune")
+import torchtune  # noqa: E402,F401  (a requirement: the scale tests fail, not skip, without it)
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -324,13 +324,17 @@ def test_estimator_cli(capsys):
     e = memory.estimate(OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo.yaml"), 8, seq_len=2048, response_len=1024)
     assert abs(e["state_on_device"] / 1e9 - 16.06) < 0.05                 # 16 bytes per parameter / 8
     assert abs(e["checkpoint_total"] / 1e9 - 96.4) < 0.2                  # fp32 policy + bf16 EMA, ref + RMSprop
+    assert abs(e["checkpoint_host_process0"] / 1e9 - 32.1) < 0.1          # process 0's host RAM while saving
+    assert "checkpoint save (process 0, host)" not in e["phases"] and e["runtime"] == 0    # GPU: not in the peak
+    cpu = memory.estimate(OmegaConf.load(CONFIGS / "tiny_cpu.yaml"), 2)
+    assert "checkpoint save (process 0, host)" in cpu["phases"] and cpu["runtime"] == memory.HOST_BASELINE_GB * 1e9
     assert memory.main(["--config", "nope.yaml", "--nproc", "8"]) == 2
     assert memory.main(["--config", str(CONFIGS / "llama3_8b_sapo_dpo.yaml"), "--nproc", "0"]) == 2
 
 
 @pytest.fixture(scope="module")
 def small_memory_runs(tmp_path_factory):
-    """scale/measure_memory.py's three runs (FSDP mixed precision, without, resume) on the 109 M model, 2 steps."""
+    """scale/measure_memory.py's three runs (FSDP mixed precision, without, resume) on the 55 M model (scale/tiny.py SMALL_MODEL), 2 steps."""
     from scale import measure_memory
     out = tmp_path_factory.mktemp("mem")
     tiny.make_tiny_llama3(out / "model", model=SMALL_MODEL, vocab_size=tiny.TINY_VOCAB, initializer_range=0.02)
@@ -354,19 +358,24 @@ def test_resume_peak_within_training_peak(small_memory_runs):
     assert r["resume"]["setup_peak_gb"] <= 1.2 * r["fsdp_mixed_precision"]["train_peak_gb"], r
 
 
-@pytest.mark.xfail(strict=True, reason="scale/memory.py undercounts the CPU training peak RSS by ~36% on this run "
-                   "(measured 1.86 GB vs 1.19 GB estimated, scale/README.md); the 15% target is not met yet")
-def test_estimator_matches_measured_peaks(small_memory_runs):
-    out, r = small_memory_runs
-    for name in ("fsdp_mixed_precision", "no_fsdp_mixed_precision", "resume"):
-        assert abs(r[name]["estimate_error"]) <= 0.15, r[name]
-    cfg = OmegaConf.load(out / "config.yaml")
-    e = memory.estimate(cfg, 2)
+def test_checkpoint_sizes_match_estimate(small_memory_runs):
+    """The checkpoint files have the sizes scale/memory.py states (fp32 policy, bf16 EMA / reference, AdamW state)."""
+    out, _ = small_memory_runs
+    e = memory.estimate(OmegaConf.load(out / "config.yaml"), 2)
     sizes = {name: sum(f.stat().st_size for f in (out / "fsdp_mixed_precision" / name / "epoch_2").glob("*.safetensors"))
              for name in ("policy", "ema", "ref")}
     sizes["optimizer state"] = (out / "fsdp_mixed_precision" / "recipe_state" / "step_2.pt").stat().st_size
     for name, key in (("policy", "policy"), ("ema", "EMA"), ("ref", "reference"), ("optimizer state", "optimizer state")):
         assert abs(sizes[name] / e["checkpoint"][key] - 1) < 0.05, (name, sizes[name], e["checkpoint"][key])
+
+
+@pytest.mark.xfail(strict=True, reason="scale/memory.py counts live tensors; glibc's retained heap (freed tensors "
+                   "under the 32 MB mmap threshold stay in the process's arenas) is not modelled and made the measured "
+                   "peak RSS 27% higher than the estimate after the checkpoint-save phase was added (scale/README.md)")
+def test_estimator_matches_measured_peaks(small_memory_runs):
+    _, r = small_memory_runs
+    for name in ("fsdp_mixed_precision", "no_fsdp_mixed_precision", "resume"):
+        assert abs(r[name]["estimate_error"]) <= 0.15, r[name]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
