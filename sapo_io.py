@@ -426,8 +426,14 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, object]]:
         raise UserError(f"{source}: no such file")
     try:
         import datasets
-        ds = (datasets.load_dataset(tabular, data_files=str(path), split="train") if tabular
-              else datasets.load_dataset(source, split=split))
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()   # its "Generating train split" bars would be stderr lines before an error
+        try:
+            ds = (datasets.load_dataset(tabular, data_files=str(path), split="train") if tabular
+                  else datasets.load_dataset(source, split=split))
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     except Exception as e:  # the datasets library raises many types for "not found / offline"
         raise UserError(f"dataset '{source}': not a local file, and `datasets` could not load it: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
