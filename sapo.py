@@ -694,7 +694,7 @@ def train(cfg: Config, on_step=None) -> dict:
     rng = random.Random(cfg.seed)                                   # truncation points and buffer sampling
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
     examples, eval_examples = load_data(cfg, tok, recipe.negatives == "dataset")  # bad data fails before any write
-    with prepare_output_dir(out, cfg.resume, cfg.overwrite, dataclasses.asdict(cfg)), StopSignals() as stop:
+    with StopSignals() as stop, prepare_output_dir(out, cfg.resume, cfg.overwrite, dataclasses.asdict(cfg)):
         # -- the policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO; SPIN's frozen generator)
         policy = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device,
                             cfg.trust_remote_code)
@@ -725,6 +725,7 @@ def train(cfg: Config, on_step=None) -> dict:
         else:
             before = run_eval(cfg, policy, tok, eval_tuples, eval_examples, None, stop_ids, full=True)
         start = (before["per_prompt"]["logps_chosen"], before["per_prompt"]["logps_rejected"]) if before else None
+        stop.phase = "training"     # set up: from here a signal finishes the step and checkpoints (before: stops)
         log, n_samples = MetricsLog(out, step, cfg.report_to), trim_jsonl(out / "samples.jsonl", step)
 
         def checkpoint():   # what a checkpoint holds, declared here; sapo_io decides how it is written
@@ -792,15 +793,15 @@ def train(cfg: Config, on_step=None) -> dict:
                 metrics.update(run_eval(cfg, policy, tok, eval_tuples, eval_examples, start, stop_ids, False) or {})
             log.write(metrics, echo=bar.write if step % cfg.log_every == 0 else None)
             bar.update(1)
-            if stop.signum or (cfg.save_steps >= 0 and (step == cfg.max_steps or
-                                                        (cfg.save_steps and step % cfg.save_steps == 0))):
+            if saved := stop.signum or (cfg.save_steps >= 0 and (step == cfg.max_steps or
+                                                                 (cfg.save_steps and step % cfg.save_steps == 0))):
                 checkpoint()
             if on_step is not None:
                 on_step(step, policy, metrics)
-            if stop.signum and step < cfg.max_steps:
-                raise Stopped(stop.signum, f"stopped at step {step}; checkpoint in {out / 'checkpoints'}; resume "
-                              f"with the same command plus --resume")
+            if stop.signum and saved and step < cfg.max_steps:   # (a signal during on_step: the next step stops)
+                raise Stopped.after_step(stop.signum, step, out / "checkpoints")
         bar.close()
+        stop.phase = "finishing"    # a signal now lets the final save and evaluation complete (exit 0)
         save_final(policy, tok, out / "final", dropout_rates)
         after = run_eval(cfg, policy, tok, eval_tuples, eval_examples, start, stop_ids, full=True)
         log.close()
@@ -835,9 +836,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Stopped as e:
-        print(e, file=sys.stderr)
-        return 128 + e.signum
+    except (Stopped, KeyboardInterrupt) as e:   # KeyboardInterrupt: Ctrl-C while reading data, before the handlers
+        print(str(e) or "interrupted (SIGINT) before the run started; nothing was written", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     print_summary(summary)
     return 0
 

@@ -18,9 +18,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,11 @@ class Stopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+    @classmethod
+    def after_step(cls, signum: int, step: int, ckpt_root: Path) -> "Stopped":
+        return cls(signum, f"stopped at step {step}; checkpoint {ckpt_root / f'step-{step:08d}'}; resume with the "
+                   "same command plus --resume")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -617,36 +624,76 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22): tells the process that wrote
+    a lock from a later one that got the same pid (containers restart their pids from 1). None without /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _lock_is_stale(other: dict, host: str) -> bool:
+    """Is the run named by a lock gone? Only decidable on its own host: its pid is dead, or now belongs to a
+    process that started later than the one that wrote the lock."""
+    pid = other.get("pid")
+    if not isinstance(pid, int) or other.get("host") != host:
+        return False
+    if not _pid_alive(pid):
+        return True
+    start, recorded = _process_start(pid), other.get("pid_start")
+    if start is not None and recorded is not None:
+        return start != recorded
+    return pid == os.getpid()    # no /proc: a lock with our own pid was written by an earlier life of this pid
+
+
 class RunLock:
     """<output-dir>/.lock holds the pid and host of the run using the folder. A second run into the same folder
-    is refused, naming the first; a lock left by a dead process on this host is taken over with a message."""
+    is refused, naming the first; a lock left by a run that is gone (a dead pid on this host) is taken over with
+    a message. The lock file is written whole and then linked into place, so it is never seen half-written."""
 
     def __init__(self, out: Path):
         self.path, self.held = out / ".lock", False
 
-    def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+    def _create(self, me: dict) -> bool:
+        """Create the lock file holding `me`; False if one exists."""
+        tmp = self.path.with_name(f".lock.{me['pid']}.tmp")
+        tmp.write_text(json.dumps(me))
+        try:
+            os.link(tmp, self.path)                  # atomic, and fails if a lock exists (like O_EXCL)
+        except FileExistsError:
+            return False
+        except OSError:                              # a filesystem without hard links: exclusive create
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    other = {}
-                pid, host = other.get("pid"), other.get("host")
-                if isinstance(pid, int) and host == me["host"] and (pid == os.getpid() or not _pid_alive(pid)):
-                    print(f"{self.path.parent}: taking over the lock of a run that is gone (pid {pid} on {host})",
-                          flush=True)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise UserError(f"{self.path.parent}: another run is using this folder (pid {pid} on {host}, started "
-                                f"{other.get('started')}); wait for it, or delete {self.path} if it is dead") from None
+                return False
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
-            self.held = True
-            return
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "pid_start": _process_start(os.getpid())}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            if self._create(me):
+                self.held = True
+                return
+            try:
+                other = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                other = {}
+            pid, host = other.get("pid"), other.get("host")
+            if _lock_is_stale(other, me["host"]):
+                print(f"{self.path.parent}: taking over the lock of a run that is gone (pid {pid} on {host}, "
+                      f"started {other.get('started')})", flush=True)
+                self.path.unlink(missing_ok=True)
+                continue
+            raise UserError(f"{self.path.parent}: another run is using this folder (pid {pid} on {host}, started "
+                            f"{other.get('started')}); wait for it, or delete {self.path} if it is dead") from None
         raise UserError(f"{self.path}: could not take the lock")
 
     def release(self) -> None:
@@ -662,28 +709,43 @@ class RunLock:
         return False
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write a small file whole or not at all (a killed run leaves the old one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def prepare_output_dir(out: Path, resume: bool, overwrite: bool, config: dict) -> RunLock:
-    """Lock the folder, apply the rules (a non-empty folder needs --resume or --overwrite), write config.json."""
+    """Lock the folder, apply the rules (a non-empty folder needs --resume or --overwrite), write config.json.
+    Whatever goes wrong after the lock is taken releases it; an unwritable folder is a one-line UserError."""
     lock = RunLock(out)
-    existing = out.exists() and any(p.name != ".lock" for p in out.iterdir())
-    lock.acquire()
-    if existing and not resume and not overwrite:
+    try:
+        existing = out.exists() and any(p.name != ".lock" for p in out.iterdir())
+        lock.acquire()
+        if existing and not resume and not overwrite:
+            raise UserError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to "
+                            "replace it")
+        if overwrite and not resume:
+            for p in out.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _replace_text(out / "config.json", json.dumps(config, indent=1))
+    except BaseException as e:
         lock.release()
-        raise UserError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace it")
-    if overwrite and not resume:
-        for p in out.iterdir():
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+        if isinstance(e, OSError):
+            raise UserError(f"{out}: cannot write to the output folder: {_why(e)}") from None
+        raise
     return lock
 
 
 def trim_jsonl(path: Path, step: int) -> int:
-    """Drop lines from steps after `step` (a resumed run redoes them); returns how many lines are left."""
+    """Drop lines from steps after `step` (a resumed run redoes them); returns how many lines are left. The file
+    is replaced whole, so a run killed meanwhile loses none of its lines."""
     if not path.exists():
         return 0
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    _replace_text(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 
@@ -722,28 +784,57 @@ class MetricsLog:
 # Stop signals: SIGTERM (preemption) and SIGINT (Ctrl-C) finish the step, then checkpoint and exit
 # ---------------------------------------------------------------------------------------------------
 
-class StopSignals:
-    """While active, the first SIGTERM / SIGINT only sets `signum`: the loop finishes its optimizer step, writes a
-    checkpoint and stops. A second one ends the process at once (the last checkpoint is intact: writes are atomic)."""
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: os.write, since print() re-entered while the interrupted code is
+    itself printing raises RuntimeError (reentrant call)."""
+    try:
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
+    except (OSError, ValueError, AttributeError):     # no file descriptor (a notebook): print, if it can
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except RuntimeError:
+            pass
 
-    def __init__(self):
-        self.signum, self._previous = None, {}
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) while active; what the first one does depends on `phase`, which
+    the loop sets:
+      setup      nothing trained yet: stop at once (Stopped is raised from the handler); nothing is lost
+      training   only set `signum`: the loop finishes its optimizer step, writes a checkpoint, raises Stopped
+      finishing  the last step is done: the final save and evaluation complete, and the run ends normally
+    A second one ends the process at once, by the signal's default action (the last checkpoint is intact: writes
+    are atomic; the lock it leaves is taken over by the next run). Only the main thread can have handlers."""
+
+    DOING = {"training": "finishing this step, then writing a checkpoint",
+             "finishing": "the last step is done: saving the final model and evaluating it"}
+
+    def __init__(self, phase: str = "setup"):
+        self.signum, self.phase, self._previous = None, phase, {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:           # second signal: the default action (or the caller's handler), now
+            _say(f"{name} again: stopping at once")
+            previous = self._previous.get(signum)
             self.restore()
-            signal.raise_signal(signum)       # second signal: default action, now
+            if previous in (None, signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(signum, signal.SIG_DFL)     # SIGINT dies too, instead of a KeyboardInterrupt
+            signal.raise_signal(signum)
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              f"(send it again to stop at once)", flush=True)
+        if self.phase == "setup":
+            _say(f"\n{name}: stopping (still setting up: nothing trained yet)")
+            raise Stopped(signum, "stopped during setup, before any step was trained: nothing new to save; start "
+                          "again with the same command plus --resume")
+        _say(f"\n{name}: {self.DOING[self.phase]} (send it again to stop at once)")
 
     def __enter__(self):
         try:
             for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) != signal.SIG_IGN:     # an ignored signal stays ignored (nohup, `cmd &`)
+                    self._previous[s] = signal.signal(s, self._handle)
         except ValueError:                    # not the main thread (e.g. a notebook worker): no handlers
-            self._previous = {}
+            self.restore()
         return self
 
     def restore(self):
@@ -793,17 +884,47 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _write_atomically(final: Path, write, needed: int) -> None:
-    """write(tmp) fills a temp folder next to `final`, which then replaces `final` in one rename. Not enough
-    space, or any OS error while writing: the temp folder is removed, `final` (if any) is untouched, and a
-    one-line UserError names the folder and the bytes needed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}")
-    free = shutil.disk_usage(final.parent).free
-    if needed > free:
-        raise UserError(f"{final.parent}: not enough disk space to write {final.name}: needs about "
-                        f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB free (the last checkpoint is intact)")
+def _why(e: BaseException) -> str:
+    """What went wrong in a write, in a few words. safetensors and torch.save raise their own types with the OS
+    error inside the text ("... (os error 28)") or none at all."""
+    code = getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    if code:
+        return os.strerror(code)
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _free_bytes(folder: Path) -> int | None:
     try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_atomically(final: Path, write, needed: int) -> None:
+    """write(tmp) fills a temp folder next to `final`, which then replaces `final` by renames (the previous one
+    is set aside until the new one is in place). Not enough space, an unwritable folder, or any error a writer
+    raises (OSError; torch.save's RuntimeError and safetensors' SafetensorError, which is how a full disk shows
+    there): the temp folder is removed, `final` (if any) is untouched, and a one-line UserError names the folder
+    and the bytes needed."""
+    from safetensors import SafetensorError
+    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
+
+    def error(why: str) -> UserError:
+        free = _free_bytes(final.parent)
+        return UserError(f"{final.parent}: cannot write {final.name}: {why}; it needs about {needed:,} bytes "
+                         f"({needed / 1e6:,.1f} MB), {'?' if free is None else f'{free:,}'} bytes free; nothing "
+                         "half-written is left and the last checkpoint is intact (free space, then run the same "
+                         "command plus --resume)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        free = _free_bytes(final.parent)
+        if free is not None and needed > free:
+            raise error("not enough free space")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write(tmp)
@@ -811,14 +932,23 @@ def _write_atomically(final: Path, write, needed: int) -> None:
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except OSError as e:
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        free = _free_bytes(final.parent)      # measured before the temp folder goes: a full disk shows here
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-        raise UserError(f"{final.parent}: cannot write {final.name}: {why}; needs about {needed / 1e6:.0f} MB "
-                        f"(the last checkpoint is intact)") from None
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        why = _why(e)
+        raise error("disk full" if why != "disk full" and free is not None and free < needed // 2 and
+                    not isinstance(e, OSError) else why) from None
+    except BaseException:                     # Stopped, KeyboardInterrupt, a bug: no temp folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def rng_state(rng, device) -> tuple[dict, list]:
@@ -848,6 +978,8 @@ def save_checkpoint(ckpt_root: Path, step: int, models: dict, trainer_state: dic
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     needed = sum(_tensor_bytes(m.state_dict()) for m in models.values()) + _tensor_bytes(tensors) + (1 << 20)
+    for stale in ckpt_root.glob(".tmp-step-*"):   # left by a run killed mid-write (we hold the folder's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     _write_atomically(final, write, needed)
     for old in sorted(ckpt_root.glob("step-*"))[:-keep or None]:
         shutil.rmtree(old, ignore_errors=True)
