@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, MetricsLog, PromptStream, StopSignals, Stopped,
                      UserError, append_samples, check_config, latest_checkpoint, load_checkpoint, load_model,
-                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_row, parse_rows, pick_device,
+                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_rows, pick_device,
                      prepare_output_dir, print_summary, read_rows, rng_state, save_checkpoint, save_final,
                      stop_token_ids, trim_jsonl, write_summary)
 
@@ -68,15 +68,14 @@ class Config:
     dataset: str = _f(str(BUNDLED_TRAIN), "training data: a .jsonl/.json/.parquet/.csv file, a local dataset folder "
                       "or a hub dataset name; rows {prompt, chosen[, rejected]}, {prompt, completion}, {messages}, "
                       "{conversations} (ShareGPT) or {instruction[, input], output} (Alpaca), in that precedence")
-    columns: str = _f("", "rename columns for other row layouts, field=column pairs: prompt=question,chosen=answer "
-                      "(fields: prompt chosen rejected completion messages conversations instruction input output); "
-                      "for --dataset and --eval-dataset")
+    columns: str = _f("", "other row layouts, as field=column pairs (prompt=question,chosen=answer; any field named "
+                      "above); applies to --dataset and --eval-dataset")
     dataset_split: str = _f("train", "split to use when --dataset is a hub dataset")
     eval_dataset: str = _f("", "held-out prompts for the before/after summary (default: the bundled held-out "
                            "file with the bundled data, otherwise --eval-size prompts held out of --dataset)")
     eval_size: int = _f(16, "number of held-out prompts scored before and after training")
-    eval_only: bool = _f(False, "only evaluate --model on the held-out prompts (log-prob of y+; instruction "
-                         "accuracy when rows carry constraints) and print JSON; trains nothing, writes nothing")
+    eval_only: bool = _f(False, "only score --model on the held-out prompts (log-prob of y+, instruction accuracy "
+                         "where rows carry constraints), print JSON, write nothing")
     eval_max_new_tokens: int = _f(128, "longest greedy answer when scoring instruction following")
     method: str = _f("sapo-dpo", "sapo-dpo | sapo-orpo, or a baseline as a special case of the same loop: sft "
                      "(NLL on y+), dpo / orpo (offline, the dataset's `rejected`), spin (whole responses from a "
@@ -457,9 +456,8 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
     was_training, frozen = model.training, [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    # Under autocast (bf16-mixed), the bf16 copy of a weight is cached only for leaves that require grad: a frozen
-    # generator (EMA, SPIN's copy) would re-cast every weight at every decoding step, slower than fp32. No graph
-    # is built here (no_grad), so requiring grad for the call only turns the cache on.
+    # Autocast caches bf16 weight copies only for leaves that require grad: a frozen generator (EMA, SPIN's) would
+    # re-cast every weight at every decoding step. No graph is built (no_grad): requiring grad only turns the cache on.
     for p in frozen:
         p.requires_grad_(True)
     try:
@@ -477,8 +475,8 @@ def make_negatives(generator, examples: list[Example], segment_len: int, max_len
                    pad_id: int, stop_ids, temperature=0.7, top_p=0.95, top_k=50, batch_size=None) -> list[dict]:
     """SAPO's self-augmented negatives: pick t, let the generator write G tokens after x + y+[:t], splice.
     Returns replay-buffer tuples with t and the kept segment length; batch_size rows per generate call."""
-    tuples, step = [], batch_size or max(1, len(examples))
-    for chunk in (examples[i: i + step] for i in range(0, len(examples), step)):
+    tuples, per_call = [], batch_size or max(1, len(examples))
+    for chunk in (examples[i: i + per_call] for i in range(0, len(examples), per_call)):
         plan = [truncation_point(len(e.chosen_ids), len(e.prompt_ids), segment_len, max_length, rng) for e in chunk]
         contexts = [e.prompt_ids + e.chosen_ids[:t] for e, (t, _) in zip(chunk, plan)]
         segments = generate_segments(generator, contexts, [G for _, G in plan], pad_id, stop_ids, temperature, top_p,
@@ -531,15 +529,19 @@ def autocast(cfg: Config, device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
 
 
+def _beyond_window(cfg, batch: list[dict]) -> bool:
+    """Is a row longer than the model's sliding attention window? A 4D mask would drop the window there."""
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return bool(window) and max(len(b["prompt_ids"]) + max(len(b["chosen_ids"]), len(b["rejected_ids"]))
+                                for b in batch) > window
+
+
 def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=None):
     """(sum+, sum-, n+, n-), each (B,), for a batch of (x, y+, y-) tuples. With a transformers model that
     honours 4D masks (checked once per model), one shared-prefix row per tuple (shared_prefix_logps);
     otherwise one concatenated forward over [y+ rows; y- rows]. logps_fn(model, **collated) replaces
     sequence_logps in the latter (scale/ passes its torchtune twin)."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    longest = max(len(b["prompt_ids"]) + max(len(b["chosen_ids"]), len(b["rejected_ids"])) for b in batch)
-    if logps_fn is None and _shared_prefix_ok(model) and not (window and longest > window):  # a 4D mask drops windows
+    if logps_fn is None and _shared_prefix_ok(model) and not _beyond_window(model.config, batch):
         return shared_prefix_logps(model, batch, pad_id, device)
     pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
     logps, counts = (logps_fn or sequence_logps)(model, **collate(pairs, pad_id, device))
@@ -824,7 +826,8 @@ def run_eval(cfg: Config, policy, tok, eval_tuples, eval_examples, start, stop_i
 # --- 11. Command line ----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    cfg = parse_args(Config, argv, "SAPO: Self-Augmented Preference Optimization (one file).")
+    cfg = parse_args(Config, argv, "SAPO: Self-Augmented Preference Optimization (one file).",
+                     epilog="held-out evaluation (before/after, and every --eval-steps):\n" + evaluate.__doc__)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # keep the terminal for our own progress bar and metrics
     try:

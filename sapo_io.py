@@ -455,10 +455,14 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, object]]:
 # Command line: a config dataclass -> argparse, and its checks
 # ---------------------------------------------------------------------------------------------------
 
-def parse_args(config_cls, argv=None, description=""):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the epilog printed as written."""
+
+
+def parse_args(config_cls, argv=None, description="", epilog=""):
     """Config fields as --kebab-case flags; each field's `help` metadata is its --help text; booleans are
     switches (--resume / --no-resume)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -482,6 +486,8 @@ def check_config(cfg) -> None:
         raise UserError("--max-steps must be >= 0, and --lr and --temperature > 0")
     if cfg.max_prompt_length >= cfg.max_length:
         raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below --max-length ({cfg.max_length})")
+    if cfg.report_to == "tensorboard":
+        MetricsLog.tensorboard_writer()          # fail before loading anything when the package is missing
     if cfg.ref_update_steps < -1:
         raise UserError(f"--ref-update-steps must be >= -1 (-1: once per epoch, 0: never), got {cfg.ref_update_steps}")
     if cfg.max_grad_norm < 0:
@@ -576,7 +582,8 @@ def plot_metrics(out: Path, before: dict | None = None) -> Path | None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = ([{"step": 0, **before}] if before else []) + [r for r in rows if "eval/rewards/margins" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("loss", "training loss", None), ("rewards/margins", "reward margin  r(y+) - r(y-)", "eval/rewards/margins"),
+    panels = [("loss", "training loss", None),
+              ("rewards/margins", "reward margin  r(y+) - r(y-)", "eval/rewards/margins"),
               ("rewards/accuracies", "reward accuracy  r(y+) > r(y-)", "eval/rewards/accuracies")]
     for ax, (key, title, eval_key) in zip(axes, panels):
         train = [(r["step"], r[key]) for r in rows if key in r]
@@ -757,12 +764,15 @@ class MetricsLog:
         trim_jsonl(self.path, step)
         self.tb = None
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--report-to tensorboard needs the tensorboard package: "
-                                "pip install tensorboard") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+            self.tb = self.tensorboard_writer()(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+    @staticmethod
+    def tensorboard_writer():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter
 
     def write(self, metrics: dict, echo=None) -> None:
         if echo is not None:     # a line on the terminal: echo=print, or tqdm's bar.write

@@ -80,13 +80,13 @@ def test_each_format_from_jsonl_and_from_a_datasets_folder(fmt, tmp_path):
 def test_precedence_documented_in_parse_row():
     both = {"prompt": "A?", "chosen": "B.", "completion": "C.", "messages": [{"role": "user", "content": "D?"},
             {"role": "assistant", "content": "E."}], "instruction": "F?", "output": "G."}
-    assert sapo.parse_row(both, "f:1")[1] == "B."                                   # 1. {prompt, chosen}
-    assert sapo.parse_row({k: both[k] for k in both if k != "chosen"}, "f:1")[1] == "C."   # 2. {prompt, completion}
-    assert sapo.parse_row({k: both[k] for k in ("messages", "instruction", "output")}, "f:1")[1] == "E."
-    assert sapo.parse_row({"conversations": [{"from": "user", "value": "H?"}, {"from": "assistant", "value": "I."}],
+    assert sapo_io.parse_row(both, "f:1")[1] == "B."                                   # 1. {prompt, chosen}
+    assert sapo_io.parse_row({k: both[k] for k in both if k != "chosen"}, "f:1")[1] == "C."   # 2. {prompt, completion}
+    assert sapo_io.parse_row({k: both[k] for k in ("messages", "instruction", "output")}, "f:1")[1] == "E."
+    assert sapo_io.parse_row({"conversations": [{"from": "user", "value": "H?"}, {"from": "assistant", "value": "I."}],
                            "instruction": "F?", "output": "G."}, "f:1")[1] == "I."     # 4. before 5.
-    assert sapo.parse_row({"prompt": None, "completion": None, "instruction": "F?", "output": "G."}, "f:1")[1] == "G."
-    doc = sapo.parse_row.__doc__
+    assert sapo_io.parse_row({"prompt": None, "completion": None, "instruction": "F?", "output": "G."}, "f:1")[1] == "G."
+    doc = sapo_io.parse_row.__doc__
     order = [doc.index(s) for s in ("{prompt, chosen", "{prompt, completion}", "{messages}", "{conversations}",
                                     "{instruction")]
     assert order == sorted(order)

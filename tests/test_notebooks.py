@@ -65,11 +65,19 @@ def code_sources(nb) -> str:
     return "\n".join(lines)
 
 
+GUARDED = ("sapo", "sapo_io", "tasks.ifeval_lite")   # the algorithm, its plumbing, the bundled task
+
+
 def sapo_names() -> set[str]:
+    """Functions and classes defined in the guarded modules (what a notebook must import, not copy)."""
+    import importlib
     sys.path.insert(0, str(ROOT))
-    import sapo
-    return {n for n, obj in vars(sapo).items()
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == "sapo"}
+    names = set()
+    for module in GUARDED:
+        mod = importlib.import_module(module)
+        names |= {n for n, obj in vars(mod).items() if (inspect.isfunction(obj) or inspect.isclass(obj))
+                  and getattr(obj, "__module__", None) == module and not n.startswith("_")}
+    return names
 
 
 # ----------------------------------------------------------------------------- static checks (fast)
@@ -84,8 +92,9 @@ def redefinitions(source: str) -> set[str]:
 
 
 def test_redefinition_check_catches_copies():
-    source = "def dpo_loss(a, b):\n    return a - b\nclass ReplayBuffer:\n    pass\nema_update = lambda e, p, d: None\ndef show(x): pass"
-    assert redefinitions(source) == {"dpo_loss", "ReplayBuffer", "ema_update"}
+    source = ("def dpo_loss(a, b):\n    return a - b\nclass ReplayBuffer:\n    pass\nema_update = lambda e, p, d: None\n"
+              "def show(x): pass\ndef load_model(n): pass\ndef check_loose(r, c): pass")
+    assert redefinitions(source) == {"dpo_loss", "ReplayBuffer", "ema_update", "load_model", "check_loose"}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -288,16 +288,16 @@ def test_buffer_uniform_and_state_roundtrip():
 
 
 def test_row_formats():
-    p, c, r = sapo.parse_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "f:1")
+    p, c, r = sapo_io.parse_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "f:1")
     assert p == [{"role": "user", "content": "Hi"}] and c == "Hello" and r == "Go away"
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A?"},
             {"role": "assistant", "content": "B."}, {"role": "user", "content": "C?"}, {"role": "assistant", "content": "D."}]
-    p, c, r = sapo.parse_row({"messages": msgs}, "f:2")
+    p, c, r = sapo_io.parse_row({"messages": msgs}, "f:2")
     assert p == msgs[:-1] and c == "D." and r is None
-    p, c, r = sapo.parse_row({"prompt": msgs[:2], "chosen": [{"role": "assistant", "content": "B."}]}, "f:3")
+    p, c, r = sapo_io.parse_row({"prompt": msgs[:2], "chosen": [{"role": "assistant", "content": "B."}]}, "f:3")
     assert p == msgs[:2] and c == "B."
     # capybara-style: `prompt` is the first user turn only, `chosen`/`rejected` are whole conversations
-    p, c, r = sapo.parse_row({"prompt": "A?", "chosen": msgs[1:], "rejected": msgs[1:4] + [{"role": "assistant", "content": "E."}]}, "f:4")
+    p, c, r = sapo_io.parse_row({"prompt": "A?", "chosen": msgs[1:], "rejected": msgs[1:4] + [{"role": "assistant", "content": "E."}]}, "f:4")
     assert p == msgs[1:4] and c == "D." and r == "E."
 
 
