@@ -207,6 +207,12 @@ _SHOWN = ", ".join(shown for *_, shown in ROW_FORMATS)
 EXPECTED_FORMATS = f"expected one of: {_SHOWN}, or pass --columns (e.g. --columns prompt=question,chosen=answer)"
 
 
+def _shown(name) -> str:
+    """A field name or role as it goes into a one-line message: as is, or JSON-quoted if it holds a line break."""
+    name = str(name)
+    return name if name.isprintable() else json.dumps(name)
+
+
 def _messages(value, where: str, field_name: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: field '{field_name}' must be a non-empty list of messages")
@@ -252,7 +258,7 @@ def _sharegpt(value, where: str) -> list[dict]:
         if not isinstance(role, str) or not isinstance(content, str):
             raise UserError(f"{where}: field 'conversations[{i}]' must be {{\"from\": str, \"value\": str}}")
         if role not in SHAREGPT_ROLES:
-            raise UserError(f"{where}: field 'conversations[{i}]' has the unknown role '{role}' "
+            raise UserError(f"{where}: field 'conversations[{i}]' has the unknown role '{_shown(role)}' "
                             f"(known: {', '.join(SHAREGPT_ROLES)})")
         msgs.append({"role": SHAREGPT_ROLES[role], "content": content})
     return msgs
@@ -320,7 +326,7 @@ def parse_row(row, where: str, fmt: str | None = None) -> tuple[list[dict], str,
                             "as the first row is)")
         found = fmt
     if found is None:
-        fields = ", ".join(map(str, row)) if row else ""
+        fields = ", ".join(map(_shown, row))
         raise UserError(f"{where}: unrecognized row with fields [{fields}]; {EXPECTED_FORMATS}")
     return _parse(found, row, where)
 
@@ -352,7 +358,7 @@ def _rename(row, mapping: dict, where: str, first: bool):
             renamed[target] = row[column]
         elif first:
             raise UserError(f"{where}: --columns {target}={column}: the first row has no column '{column}' "
-                            f"(its columns: [{', '.join(map(str, row))}])")
+                            f"(its columns: [{', '.join(map(_shown, row))}])")
         elif target not in ("rejected", "input"):
             raise UserError(f"{where}: column '{column}' is missing (--columns {target}={column})")
     return renamed
@@ -368,7 +374,7 @@ def parse_rows(rows, columns: str = ""):
         if fmt is None and isinstance(renamed, dict):
             if mapping and row_format(renamed, mapping) is None:
                 raise UserError(f"{where}: with --columns {columns} the first row has the fields "
-                                f"[{', '.join(map(str, renamed))}], which make no format; expected one of: {_SHOWN}")
+                                f"[{', '.join(map(_shown, renamed))}], which make no format; expected one of: {_SHOWN}")
             fmt = row_format(renamed, mapping)
         yield where, row, parse_row(renamed, where, fmt)
 
