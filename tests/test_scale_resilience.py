@@ -334,6 +334,8 @@ def test_estimator_cli(capsys):
 
 @pytest.fixture(scope="module")
 def small_memory_runs(tmp_path_factory):
+    if os.environ.get("SAPO_MEMORY_TESTS") != "1":   # minutes of 2-process runs; never yet completed end to end here
+        pytest.skip("peak-RSS measurements: set SAPO_MEMORY_TESTS=1 (issue 14: not yet validated on an idle machine)")
     """scale/measure_memory.py's three runs (FSDP mixed precision, without, resume) on the 55 M model (scale/tiny.py SMALL_MODEL), 2 steps."""
     from scale import measure_memory
     out = tmp_path_factory.mktemp("mem")
