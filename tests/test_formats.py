@@ -85,7 +85,8 @@ def test_precedence_documented_in_parse_row():
     assert sapo_io.parse_row({k: both[k] for k in ("messages", "instruction", "output")}, "f:1")[1] == "E."
     assert sapo_io.parse_row({"conversations": [{"from": "user", "value": "H?"}, {"from": "assistant", "value": "I."}],
                            "instruction": "F?", "output": "G."}, "f:1")[1] == "I."     # 4. before 5.
-    assert sapo_io.parse_row({"prompt": None, "completion": None, "instruction": "F?", "output": "G."}, "f:1")[1] == "G."
+    nulls = {"prompt": None, "completion": None, "instruction": "F?", "output": "G."}   # null = absent
+    assert sapo_io.parse_row(nulls, "f:1")[1] == "G."
     doc = sapo_io.parse_row.__doc__
     order = [doc.index(s) for s in ("{prompt, chosen", "{prompt, completion}", "{messages}", "{conversations}",
                                     "{instruction")]
