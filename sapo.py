@@ -291,53 +291,52 @@ def shared_prefix_len(y_pos: list[int], y_neg: list[int]) -> int:
     return k
 
 
-def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
-    """preference_logps with the shared prefix computed once: (sum+, sum-, n+, n-), each (B,).
-
-    y+ and y- share x and a prefix y+[:k] (SAPO: k >= t; offline pairs: at least x). So each tuple is one row
-    [x, y+[:k], y+[k:], y-[k:]]: y-[k:] sits after y+ but attends only to the shared part and to itself (a 4D
-    mask), with positions continuing from the shared part. The logits of the shared tokens count for both sums.
-    Same numbers as two rows per tuple up to float rounding; 0.6-0.7x the tokens through the model."""
-    B, T = len(batch), 0
-    plan = []
+def shared_prefix_layout(batch: list[dict], pad_id: int) -> dict:
+    """One row [x, y+[:k], y+[k:], y-[k:]] per tuple: y-[k:] sits after y+ but attends only to the shared part and to
+    itself, its positions continuing from the shared part. CPU tensors: ids, pos (B, T), allow (B, T, T) bool, and per
+    scored token (N,): its row, the position whose logits predict it, the target, whether it counts for y+ / y-."""
+    B, T, plan = len(batch), 0, []
     for b in batch:
         x, y_pos, y_neg = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
         k = shared_prefix_len(y_pos, y_neg)
         plan.append((x + y_pos + y_neg[k:], len(x), len(x) + k, len(y_pos) - k, len(y_neg) - k))
         T = max(T, len(plan[-1][0]))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
+    ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.long)
     allow = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)        # padding attends to itself: no all-masked rows
     h_at, target_at, row_of, is_pos, is_neg = [], [], [], [], []  # one entry per scored token
     for i, (r, P, S, C, R) in enumerate(plan):   # P = |x|, S = |x| + k shared, C own y+ tokens, R own y- tokens
         E = S + C + R                                # = len(r)
         ids[i, :E] = torch.tensor(r)
-        pos[i, : S + C] = torch.arange(S + C)
-        pos[i, S + C: E] = torch.arange(S, S + R)
+        pos[i, : S + C], pos[i, S + C: E] = torch.arange(S + C), torch.arange(S, S + R)
         allow[i, : S + C, : S + C] = torch.ones(S + C, S + C, dtype=torch.bool).tril()
         allow[i, S + C: E, :S] = True
         allow[i, S + C: E, S + C: E] = torch.ones(R, R, dtype=torch.bool).tril()
-        neg_h = [S - 1] + list(range(S + C, S + C + R - 1))       # y-'s first own token follows the shared part
-        h = list(range(P - 1, S + C - 1)) + neg_h
-        h_at += h
-        target_at += r[P: S + C] + r[S + C:]
-        row_of += [i] * len(h)
+        h = list(range(P - 1, S + C - 1)) + [S - 1] + list(range(S + C, S + C + R - 1))  # y-'s 1st own token: S - 1
+        h_at, target_at, row_of = h_at + h, target_at + r[P: S + C] + r[S + C:], row_of + [i] * len(h)
         is_pos += [True] * (S + C - P) + [False] * R
         is_neg += [True] * (S - P) + [False] * C + [True] * R
+    t = torch.tensor
+    return {"ids": ids, "pos": pos, "allow": allow, "row_of": t(row_of), "h_at": t(h_at), "targets": t(target_at),
+            "is_pos": t(is_pos, dtype=torch.bool), "is_neg": t(is_neg, dtype=torch.bool),
+            "n_pos": t([len(b["chosen_ids"]) for b in batch]), "n_neg": t([len(b["rejected_ids"]) for b in batch])}
+
+
+def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
+    """preference_logps with the shared prefix computed once: (sum+, sum-, n+, n-), each (B,).
+
+    y+ and y- share x and a prefix y+[:k] (SAPO: k >= t; offline pairs: at least x), so each tuple is one row
+    (shared_prefix_layout, a 4D mask). The logits of the shared tokens count for both sums. Same numbers as two
+    rows per tuple up to float rounding; 0.6-0.7x the tokens through the model."""
+    L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
     kind = torch.device(device).type                              # the mask in the dtype attention runs in
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
-    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
-    t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    h_at, target_at, row_of = t(h_at), t(target_at), t(row_of)
-    is_pos, is_neg = t(is_pos, torch.bool), t(is_neg, torch.bool)
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=pos.to(device)).last_hidden_state                   # (B, T, H)
-    logits = model.get_output_embeddings()(hidden[row_of, h_at]).float()                           # (N, V)
-    token_logps = -F.cross_entropy(logits, target_at, reduction="none")
-    zeros = torch.zeros(B, device=token_logps.device)
-    return (zeros.index_add(0, row_of[is_pos], token_logps[is_pos]),
-            zeros.index_add(0, row_of[is_neg], token_logps[is_neg]),
-            t([len(b["chosen_ids"]) for b in batch]), t([len(b["rejected_ids"]) for b in batch]))
+    mask = torch.zeros(L["allow"].shape, dtype=dtype, device=device).masked_fill_(~L["allow"], torch.finfo(dtype).min)
+    hidden = model.base_model(input_ids=L["ids"], attention_mask=mask[:, None], position_ids=L["pos"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[L["row_of"], L["h_at"]]).float()                       # (N, V)
+    token_logps = -F.cross_entropy(logits, L["targets"], reduction="none")
+    zeros = torch.zeros(len(batch), device=token_logps.device)
+    return (zeros.index_add(0, L["row_of"][L["is_pos"]], token_logps[L["is_pos"]]),
+            zeros.index_add(0, L["row_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
 
 
 def _shared_prefix_ok(model) -> bool:

@@ -121,10 +121,10 @@ def _from_sapo(name: str):
 
 
 (Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss, ema_update, logps_from_logits, lr_lambda,
- orpo_loss, preference_metrics, response_targets, shared_prefix_len, splice_negative, truncation_point, parse_row,
+ orpo_loss, preference_metrics, response_targets, shared_prefix_layout, splice_negative, truncation_point, parse_row,
  read_rows, collate) = map(_from_sapo, (
     "Example", "PromptStream", "ReplayBuffer", "copy_weights", "describe_tuple", "dpo_loss", "ema_update",
-    "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_len",
+    "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_layout",
     "splice_negative", "truncation_point", "parse_row", "read_rows", "collate"))
 
 log = utils.get_logger("INFO")
@@ -301,48 +301,13 @@ def two_row_logps(model, batch: list[dict], pad_id: int, device):
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
-def shared_prefix_layout(batch: list[dict], pad_id: int) -> dict:
-    """sapo.shared_prefix_logps's layout, as torchtune's decoder takes it: one row [x, y+[:k], y+[k:], y-[k:]] per
-    tuple (k = sapo.shared_prefix_len), y-[k:] attending to x + y+[:k] and to itself, its positions continuing from
-    the shared part. Returns CPU tensors: ids (B, T), input_pos (B, T), mask (B, T, T) bool (True: may attend,
-    torchtune's convention), and per scored token (N,): the row, the position whose logits predict it, the target,
-    and whether it counts for y+ / y- (the shared tokens count for both)."""
-    B, T, plan = len(batch), 0, []
-    for b in batch:
-        x, y_pos, y_neg = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
-        k = shared_prefix_len(y_pos, y_neg)
-        plan.append((x + y_pos + y_neg[k:], len(x), len(x) + k, len(y_pos) - k, len(y_neg) - k))
-        T = max(T, len(plan[-1][0]))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    allow = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)        # padding attends to itself: no all-masked rows
-    h_at, target_at, row_of, is_pos, is_neg = [], [], [], [], []
-    for i, (r, P, S, C, R) in enumerate(plan):   # P = |x|, S = |x| + k shared, C own y+ tokens, R own y- tokens
-        E = S + C + R
-        ids[i, :E] = torch.tensor(r)
-        pos[i, : S + C] = torch.arange(S + C)
-        pos[i, S + C: E] = torch.arange(S, S + R)
-        allow[i, : S + C, : S + C] = torch.ones(S + C, S + C, dtype=torch.bool).tril()
-        allow[i, S + C: E, :S] = True
-        allow[i, S + C: E, S + C: E] = torch.ones(R, R, dtype=torch.bool).tril()
-        h = list(range(P - 1, S + C - 1)) + [S - 1] + list(range(S + C, S + C + R - 1))
-        h_at += h
-        target_at += r[P: S + C] + r[S + C:]
-        row_of += [i] * len(h)
-        is_pos += [True] * (S + C - P) + [False] * R
-        is_neg += [True] * (S - P) + [False] * C + [True] * R
-    t = torch.tensor
-    return {"ids": ids, "input_pos": pos, "mask": allow, "row_of": t(row_of), "h_at": t(h_at), "targets": t(target_at),
-            "is_pos": t(is_pos, dtype=torch.bool), "is_neg": t(is_neg, dtype=torch.bool),
-            "n_pos": t([len(b["chosen_ids"]) for b in batch]), "n_neg": t([len(b["rejected_ids"]) for b in batch])}
-
-
 def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,), one row per tuple (shared_prefix_layout): x and the shared prefix go
-    through the model once. The output layer runs only at the N scored positions."""
+    """(sum+, sum-, n+, n-), each (B,), one row per tuple in sapo.shared_prefix_layout (x and the shared prefix go
+    through the model once), given to torchtune's decoder as its `mask` (bool, True: may attend) and `input_pos`.
+    The output layer runs only at the N scored positions."""
     L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
     with logits_at(model, (L["row_of"], L["h_at"])):
-        logits = model(L["ids"], mask=L["mask"], input_pos=L["input_pos"])               # (N, V)
+        logits = model(L["ids"], mask=L["allow"], input_pos=L["pos"])                     # (N, V)
     token_logps = -F.cross_entropy(logits.float(), L["targets"], reduction="none")      # (N,)
     zeros = torch.zeros(len(batch), device=token_logps.device)
     return (zeros.index_add(0, L["row_of"][L["is_pos"]], token_logps[L["is_pos"]]),
