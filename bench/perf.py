@@ -668,19 +668,26 @@ def run_levers(args) -> dict:
         b = sapo.preference_logps(policy, batch, pad_id, device)
     res["batch"], res["shared_prefix_supported"] = stats, shared_ok
     res["layouts_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
+    with torch.no_grad(), packing(True):
+        c = sapo.preference_logps(policy, batch, pad_id, device)
+    res["packed_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], c[:2]))
+    _, T, bins, _ = pack_plan(batch)
+    res["packed_rows"], res["packed_padded_tokens"] = len(bins), len(bins) * T
     fused = lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # noqa: E731
-    configs = {"sapo.py as is (shared prefix)": (True, sapo.make_optimizer(cfg, policy.parameters())),
-               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters())),
-               "shared prefix + fused AdamW": (True, fused()),
-               "two rows + fused AdamW": (False, fused())}
+    configs = {"sapo.py as is (shared prefix)": (True, sapo.make_optimizer(cfg, policy.parameters()), False),
+               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters()), False),
+               "shared prefix + fused AdamW": (True, fused(), False),
+               "two rows + fused AdamW": (False, fused(), False),
+               "shared prefix, tuples packed into rows": (True, sapo.make_optimizer(cfg, policy.parameters()), True)}
     runs, names = {k: [] for k in configs}, list(configs)
     try:
         for r in range(args.warmup + args.reps):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 log(f"lever round {r + 1}/{args.warmup + args.reps}: {name}")
-                shared, opt = configs[name]
+                shared, opt, packed = configs[name]
                 layout(shared)
-                out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
+                with packing(packed):
+                    out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
                 if r >= args.warmup:
                     runs[name].append(out)
     finally:
@@ -689,8 +696,61 @@ def run_levers(args) -> dict:
     res["levers"] = {k: {**medians(v), "tokens_per_s": stats["real_tokens"] / medians(v)["step"],
                          "speedup": base / medians(v)["step"]} for k, v in runs.items()}
     res["bf16_numerics"] = bf16_numerics(args, policy, ref, batch, pad_id, device)
+    res["generation"] = generation_levers(args, ref, tok, batch)
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     return res
+
+
+def pack_plan(batch):
+    """First-fit, longest first: (row length of each tuple, packed row length T, used length of each packed row,
+    {tuple: (packed row, offset)})."""
+    E = [P + k + C + R for P, k, C, R in map(shared_layout, batch)]
+    T, bins, where = max(E), [], {}
+    for i in sorted(range(len(batch)), key=lambda i: -E[i]):
+        j = next((j for j, used in enumerate(bins) if used + E[i] <= T), None)
+        if j is None:
+            bins.append(0)
+            j = len(bins) - 1
+        where[i], bins[j] = (j, bins[j]), bins[j] + E[i]
+    return E, T, bins, where
+
+
+def packed_logps(model, batch, pad_id, device):
+    """sapo.shared_prefix_logps with several tuples packed into one row (the packing lever, measured here only): the
+    rows of sapo.shared_prefix_layout placed first-fit (longest first) into rows of the longest tuple's length,
+    block-diagonal masks, positions restarting per tuple. Same sums up to float rounding, fewer padded positions."""
+    L = sapo.shared_prefix_layout(batch, pad_id)
+    E, T, bins, where = pack_plan(batch)
+    ids = torch.full((len(bins), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(bins), T), dtype=torch.long)
+    allow = torch.eye(T, dtype=torch.bool).repeat(len(bins), 1, 1)
+    for i, (j, o) in where.items():
+        ids[j, o: o + E[i]], pos[j, o: o + E[i]] = L["ids"][i, :E[i]], L["pos"][i, :E[i]]
+        allow[j, o: o + E[i], o: o + E[i]] = L["allow"][i, :E[i], :E[i]]
+    prow = torch.tensor([where[int(i)][0] for i in L["row_of"]])
+    at = torch.tensor([where[int(i)][1] for i in L["row_of"]]) + L["h_at"]
+    kind = torch.device(device).type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
+    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)[:, None]
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=pos.to(device)).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[prow.to(device), at.to(device)]).float()
+    token_logps = -torch.nn.functional.cross_entropy(logits, L["targets"].to(device), reduction="none")
+    zeros, row_of = torch.zeros(len(batch), device=device), L["row_of"].to(device)
+    return (zeros.index_add(0, row_of[L["is_pos"]], token_logps[L["is_pos"]]),
+            zeros.index_add(0, row_of[L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"].to(device),
+            L["n_neg"].to(device))
+
+
+@contextlib.contextmanager
+def packing(on: bool):
+    """sapo.preference_logps looks shared_prefix_logps up at call time: swap in packed_logps, in this process only."""
+    original = sapo.shared_prefix_logps
+    sapo.shared_prefix_logps = packed_logps if on else original
+    try:
+        yield
+    finally:
+        sapo.shared_prefix_logps = original
 
 
 class _Fp32Head:
@@ -736,6 +796,88 @@ def bf16_numerics(args, policy, ref, batch, pad_id, device) -> dict:
     return out
 
 
+def generation_levers(args, model, tok, batch) -> dict:
+    """Segment generation (sapo.make_negatives on a frozen fp32 copy, as the EMA generates), G = --segment-len:
+    tokens/s by rows per generate call (sapo.py makes one call per optimizer step: batch_size x grad_accum rows);
+    at 8 rows: transformers' static KV cache, a bf16 copy of the generator, and (--compile-lever) a compiled decoding
+    step; and the bounds: one decoding step of the bare model (greedy, no generate plumbing) and the matmuls alone
+    (every weight of the model times 8 rows, streamed from memory)."""
+    from transformers.generation import CompileConfig
+    examples = sapo.load_examples(args.dataset, tok, args.max_length, args.max_prompt_length, verbose=False)
+    pad_id, stop_ids, G = tok.pad_token_id, sapo.stop_token_ids(model, tok), args.segment_len
+    rows = [r for r in (4, 8, 16, 32) if r <= len(examples)]
+    out: dict = {"segment_len": G, "by_rows": {}, "at_8_rows": {}}
+
+    def timed(gen, n_rows, **generate_kw):
+        original = gen.generate
+        if generate_kw:
+            gen.generate = lambda *a, **kw: original(*a, **{**kw, **generate_kw})
+        times, tokens = [], []
+        try:
+            for r in range(args.warmup + args.reps):
+                rng = random.Random(r)
+                torch.manual_seed(r)
+                t = time.perf_counter()
+                tuples = sapo.make_negatives(gen, examples[:n_rows], G, args.max_length, rng, pad_id, stop_ids)
+                if r >= args.warmup:
+                    times.append(time.perf_counter() - t)
+                    tokens.append(sum(x["segment_len"] for x in tuples))
+        finally:
+            gen.generate = original
+        s = statistics.median(times)
+        return {"s": s, "tokens": statistics.median(tokens), "tokens_per_s": statistics.median(tokens) / s,
+                "ms_per_position": 1e3 * s / G}
+
+    for n in rows:
+        log(f"generation: {n} rows per call")
+        out["by_rows"][n] = timed(model, n)
+    n = min(8, len(examples))
+    for name, kw in (("static KV cache", {"cache_implementation": "static"}),
+                     *((("static KV cache + compiled decoding step",
+                         {"cache_implementation": "static",
+                          "compile_config": CompileConfig(_compile_all_devices=True)}),) if args.compile_lever else ())):
+        log(f"generation: {name}")
+        try:
+            out["at_8_rows"][name] = timed(model, n, **kw)
+        except Exception as e:      # a lever this transformers/torch cannot run here is reported, not fatal
+            out["at_8_rows"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    log("generation: bf16 copy of the generator")
+    out["at_8_rows"]["bf16 copy of the generator"] = timed(copy.deepcopy(model).to(torch.bfloat16), n)
+    # the bounds: a decoding step of the bare model at n rows, and its matmuls alone
+    ids = torch.tensor([e.prompt_ids[-16:] for e in examples[:n] if len(e.prompt_ids) >= 16][:n])
+    with torch.no_grad():
+        cache = transformers_cache()
+        o = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt, steps, t = o.logits[:, -1].argmax(-1, keepdim=True), 2 * G, time.perf_counter()
+        for _ in range(steps):
+            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        out["bare_decoding_step_ms"] = 1e3 * (time.perf_counter() - t) / steps
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        x = {w.shape[1]: torch.randn(len(ids), w.shape[1]) for w in weights}
+        per = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(x[w.shape[1]], w)
+            per.append(time.perf_counter() - t)
+        out["matmuls_alone_ms"] = 1e3 * min(per)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        a, b = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+        per = []
+        for _ in range(3):
+            t = time.perf_counter()
+            b.copy_(a)
+            per.append(time.perf_counter() - t)
+        out["weight_bytes"], out["copy_weights_once_ms"] = nbytes, 1e3 * min(per)
+    out["bound_rows"] = len(ids)
+    return out
+
+
+def transformers_cache():
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
 def report_levers(res) -> str:
     m, b = res["machine"], res["batch"]
     out = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); load average "
@@ -749,6 +891,27 @@ def report_levers(res) -> str:
     for k, v in res["levers"].items():
         out.append(f"| {k} | {v['forward_backward']:.2f} | {v['optimizer']:.2f} | {v['step']:.2f} | {v['tokens_per_s']:.0f} | "
                    f"{v['speedup']:.2f}x |")
+    out += ["", f"packed: the {b['rows'] // 2} shared-prefix rows as {res['packed_rows']} rows of "
+            f"{res['packed_padded_tokens'] // res['packed_rows']} positions ({res['packed_padded_tokens']} padded, vs "
+            f"{b['distinct_padded_tokens']}); log-prob sums agree with sapo.py's to {res['packed_max_abs_logps_diff']:.1e}"]
+    gen = res["generation"]
+    base = gen["by_rows"].get("8") or gen["by_rows"].get(8)
+    out += ["", f"segment generation (sapo.make_negatives, fp32 generator, G = {gen['segment_len']}, sampling as sapo.py):",
+            "", "| lever | rows per call | s per call | new tokens | tokens/s | ms per decoding position | tokens/s vs 8 rows |",
+            "|---|---|---|---|---|---|---|"]
+    for n, v in gen["by_rows"].items():
+        out.append(f"| one call for {n} rows | {n} | {v['s']:.2f} | {v['tokens']:.0f} | {v['tokens_per_s']:.0f} | "
+                   f"{v['ms_per_position']:.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+    for name, v in gen["at_8_rows"].items():
+        if "error" in v:
+            out.append(f"| {name} | 8 | failed: {v['error']} | | | | |")
+        else:
+            out.append(f"| {name} | 8 | {v['s']:.2f} | {v['tokens']:.0f} | {v['tokens_per_s']:.0f} | "
+                       f"{v['ms_per_position']:.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+    out += ["", f"bounds at {gen['bound_rows']} rows: one decoding step of the bare model (greedy, no generate "
+            f"plumbing) {gen['bare_decoding_step_ms']:.0f} ms; its matmuls alone (every Linear weight times "
+            f"{gen['bound_rows']} rows) {gen['matmuls_alone_ms']:.0f} ms; copying those {gen['weight_bytes'] / 1e6:.0f} MB "
+            f"of weights once (read + write) {gen['copy_weights_once_ms']:.0f} ms"]
     n = res["bf16_numerics"]
     out += ["", f"bf16-mixed numerics vs fp32, same weights (after the steps above) and the first {n['pairs']} pairs, forward only:", "",
             "| | DPO loss | abs diff | reward margin abs diff | sequence log-prob max rel diff |", "|---|---|---|---|---|",
@@ -869,6 +1032,8 @@ def parse(argv=None):
                     help="torch CPU threads (default: torch's, one per core); on a loaded machine 1 thread can be faster")
     ap.add_argument("--levers", action="store_true", help="instead: A/B the levers (prefix sharing, fused AdamW) on our "
                     "fp32 DPO step; writes bench/perf_levers.json unless --out")
+    ap.add_argument("--compile-lever", action="store_true", help="with --levers: also time a compiled decoding step "
+                    "(torch.compile of the decoding forward, static cache; compiling takes minutes on a CPU)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL comparison (TRL not installed)")
     ap.add_argument("--out", default=None, help="JSON results (default bench/perf_results.json, --levers: bench/perf_levers.json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
