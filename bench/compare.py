@@ -316,6 +316,18 @@ def estimate_s(args, n_runs_left=None) -> float:
     return stage1 + len(args.seeds) * sum(per_run.values())
 
 
+def cpu_name() -> str:
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        flags = next(l for l in info.splitlines() if l.startswith("flags")).split()
+        isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+        return f"{name} ({isa})" if isa else name
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def fingerprint(args) -> str:
     keys = ("model", "quick", "sft_steps", "sft_lr", "steps", "batch_size", "lr", "n_prompts", "spin_iterations", "eval_size",
             "curve_size", "curve_every", "eval_max_new_tokens", "device")
@@ -380,13 +392,14 @@ def main(argv=None) -> int:
     print(f"base model: {fmt_metrics(stage1['base'])}\nSFT model:  {fmt_metrics(stage1['final'])}", flush=True)
 
     # -- stage 2: every method, every seed, from the SFT model
-    runs = []
+    runs, reused = [], 0
     todo = [(seed, m) for seed in args.seeds for m in args.methods]
     for k, (seed, method) in enumerate(todo):
         run_dir = work / "runs" / f"{method}-seed{seed}"
         done = run_dir / "result.json"
         if done.exists():
             runs.append(json.loads(done.read_text()))
+            reused += 1
             print(f"[{k + 1}/{len(todo)}] {method} seed {seed}: reusing {done}", flush=True)
             continue
         print(f"\n== [{k + 1}/{len(todo)}] {method}, seed {seed}, from the SFT model", flush=True)
@@ -403,9 +416,10 @@ def main(argv=None) -> int:
               f"{elapsed / 60:.1f} min so far", flush=True)
 
     results = {"command": args.command, "settings": {k: v for k, v in vars(args).items() if k != "command"},
-               "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": load0,
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "loadavg_start": load0,
                            "torch": torch.__version__},
-               "estimate_min": est / 60, "total_min": (time.perf_counter() - started) / 60,
+               "estimate_min": est / 60, "total_min": (time.perf_counter() - started) / 60, "reused_runs": reused,
                "stage1": {"base": metrics_only(stage1["base"]), "sft": metrics_only(stage1["final"]),
                           "train_min": stage1["train_min"], "eval_min": stage1["eval_min"]},
                "runs": [{k: v for k, v in r.items() if k != "final"} | {"final": metrics_only(r["final"])} for r in runs],
@@ -470,8 +484,12 @@ def table(res: dict) -> str:
              f"{s['n_prompts']} preference prompts. Each method: {s['steps']} steps x {s['batch_size']} prompts from that "
              f"model, lr {s['lr']:g}, seeds {' '.join(map(str, s['seeds']))}; mean ± std over seeds. Held-out: the first "
              f"{st1['sft']['n']} prompts of data/ifeval_lite_heldout.jsonl, greedy, <= {s['eval_max_new_tokens']} new tokens. "
-             f"Minutes: wall-clock of training (incl. generation) per run; machine: {res['machine']['cores']} cores, "
-             f"load average {res['machine']['loadavg_start']:.1f} at the start; whole table {res['total_min']:.0f} min.", "",
+             f"Minutes: wall-clock of training (incl. generation) per run; machine: "
+             f"{res['machine'].get('cpu', 'CPU')}, {res['machine']['cores']} cores, "
+             f"load average {res['machine']['loadavg_start']:.1f} at the start of this invocation, which took "
+             f"{res['total_min']:.0f} min" + (f" and reused {res['reused_runs']} of {len(res['runs'])} finished runs from "
+                                             "earlier invocations (their minutes are from when they ran)"
+                                             if res.get("reused_runs") else "") + ".", "",
              "| method | " + " | ".join(METRICS.values()) + " | train min | eval min |",
              "|---" * (len(METRICS) + 3) + "|"]
     for name, ev in (("base model (no training)", st1["base"]), ("SFT start (every method's step 0)", st1["sft"])):
