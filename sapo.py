@@ -76,7 +76,7 @@ class Config:
     eval_size: int = _f(16, "number of held-out prompts scored before and after training")
     eval_only: bool = _f(False, "only score --model on the held-out prompts (log-prob of y+, instruction accuracy "
                          "where rows carry constraints), print JSON, write nothing")
-    eval_max_new_tokens: int = _f(128, "longest greedy answer when scoring instruction following")
+    eval_max_new_tokens: int = _f(96, "longest greedy answer when scoring instruction following")
     method: str = _f("sapo-dpo", "sapo-dpo | sapo-orpo, or a baseline as a special case of the same loop: sft "
                      "(NLL on y+), dpo / orpo (offline, the dataset's `rejected`), spin (whole responses from a "
                      "frozen copy, regenerated once per iteration)", choices=METHODS)
@@ -114,7 +114,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
     batch_size: int = _f(4, "prompts per micro-batch (fresh negatives, and tuples sampled, per micro-batch)")
     grad_accum: int = _f(1, "micro-batches per optimizer step; the EMA writes all their negatives in one call")
-    max_steps: int = _f(30, "optimizer steps to run")
+    max_steps: int = _f(20, "optimizer steps to run")
     max_length: int = _f(512, "longest prompt + response in tokens; longer examples are skipped (authors: 2048)")
     max_prompt_length: int = _f(384, "longest prompt in tokens; longer prompts are skipped (authors: 1792)")
     precision: str = _f("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; keep fp32 for the bundled model, "
@@ -128,8 +128,8 @@ class Config:
     num_samples: int = _f(8, "example negatives written to samples.jsonl")
     save_steps: int = _f(20, "write a resumable checkpoint every N steps (0: only at the end; -1: never)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep")
-    eval_steps: int = _f(0, "also score the held-out prompts every N steps into metrics.jsonl (the log-prob and "
-                         "reward measures; instruction following is scored before and after only); 0: at the end only")
+    eval_steps: int = _f(5, "also score the held-out prompts every N steps into metrics.jsonl and metrics.png (the "
+                         "log-prob and reward measures, one forward; instruction following: before/after); 0: at end")
     report_to: str = _f("none", "also write the metrics as TensorBoard scalars to <output-dir>/tensorboard",
                         choices=("none", "tensorboard"))
     on_nonfinite: str = _f("skip", "a NaN/inf loss or gradient: skip that optimizer step (counted in metrics as "
