@@ -113,7 +113,7 @@ class Config:
     warmup_ratio: float = _f(0.1, "fraction of --max-steps spent warming up linearly (authors: 0.1)")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
     batch_size: int = _f(4, "prompts per micro-batch (fresh negatives, and tuples sampled, per micro-batch)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step; the EMA writes all their negatives in one call")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
     max_steps: int = _f(20, "optimizer steps to run")
     max_length: int = _f(512, "longest prompt + response in tokens; longer examples are skipped (authors: 2048)")
     max_prompt_length: int = _f(384, "longest prompt in tokens; longer prompts are skipped (authors: 1792)")
@@ -738,7 +738,7 @@ def train(cfg: Config, on_step=None) -> dict:
 
         metrics, bar = {}, tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=None)
         while step < cfg.max_steps:
-            t0, accum, gen_tokens = time.perf_counter(), [], 0
+            t0, accum, gen_tokens, gen_time = time.perf_counter(), [], 0, 0.0
             if spin_every and step % spin_every == 0:     # SPIN iteration: a frozen copy writes every y-, whole
                 copy_weights(ref_model, policy)
                 spin_negatives = make_negatives(ref_model, examples, rng=rng, batch_size=cfg.batch_size, **gen)
@@ -749,18 +749,17 @@ def train(cfg: Config, on_step=None) -> dict:
             if refresh_due(recipe, step, ref_every, spin_every):
                 copy_weights(ref_model, models[recipe.ref_source])
             optimizer.zero_grad(set_to_none=True)
-            # (3) fresh (x, y+) per micro-batch: truncate y+ at t, the EMA writes G tokens (one call for all), splice
-            fresh, tg = [stream.next(cfg.batch_size) for _ in range(cfg.grad_accum)], time.perf_counter()
-            if recipe.negatives in ("ema", "policy"):
-                with autocast(cfg, device):
-                    new = make_negatives(ema_model or policy, [examples[i] for f in fresh for i in f], rng=rng, **gen)
-                gen_tokens = sum(t["segment_len"] for t in new)
-                fresh = [new[i: i + cfg.batch_size] for i in range(0, len(new), cfg.batch_size)]
-            else:                                         # SPIN's frozen negatives, or the dataset's own
-                fresh = [[spin_negatives[i] for i in f] if spin_every else offline_tuples([examples[i] for i in f])
-                         for f in fresh]
-            gen_time = time.perf_counter() - tg
-            for tuples in fresh:
+            for _ in range(cfg.grad_accum):
+                # (3) a fresh batch of (x, y+): truncate y+ at t, the EMA writes G tokens, splice -> (x, y+, y-)
+                fresh, tg = stream.next(cfg.batch_size), time.perf_counter()
+                if recipe.negatives in ("ema", "policy"):
+                    with autocast(cfg, device):
+                        tuples = make_negatives(ema_model or policy, [examples[i] for i in fresh], rng=rng, **gen)
+                    gen_tokens += sum(t["segment_len"] for t in tuples)
+                else:                                     # SPIN's frozen negatives, or the dataset's own
+                    tuples = ([spin_negatives[i] for i in fresh] if spin_every
+                              else offline_tuples([examples[i] for i in fresh]))
+                gen_time += time.perf_counter() - tg
                 # (4) push them into the replay buffer; (5) the loss batch is sampled from it
                 if recipe.use_buffer:
                     buffer.push(tuples)

@@ -579,15 +579,14 @@ def append_samples(path: Path, tok, tuples: list[dict], step: int, room: int) ->
 def plot_metrics(out: Path, before: dict | None = None) -> Path | None:
     """<out>/metrics.png from metrics.jsonl: training loss, reward margins and accuracies (train, and held-out
     against the starting model where evaluated; `before` is step 0). Written atomically; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:     # a Figure without pyplot: no global backend switch (a notebook calling train keeps its inline plots)
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = ([{"step": 0, **before}] if before else []) + [r for r in rows if "eval/rewards/margins" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     panels = [("loss", "training loss", None),
               ("rewards/margins", "reward margin  r(y+) - r(y-)", "eval/rewards/margins"),
               ("rewards/accuracies", "reward accuracy  r(y+) > r(y-)", "eval/rewards/accuracies")]
@@ -606,7 +605,6 @@ def plot_metrics(out: Path, before: dict | None = None) -> Path | None:
     fig.tight_layout()
     tmp = out / ".metrics.png.tmp"
     fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     os.replace(tmp, out / "metrics.png")
     return out / "metrics.png"
 

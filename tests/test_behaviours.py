@@ -83,24 +83,6 @@ def test_no_buffer_trains_on_the_fresh_batch(tiny_llama_dir, small_jsonl, tmp_pa
     assert used == fresh[1:]          # fresh[0]: the held-out negatives; then each loss batch is that step's fresh batch
 
 
-def test_one_generate_call_per_optimizer_step(tiny_llama_dir, small_jsonl, tmp_path, monkeypatch):
-    """The negatives of every micro-batch of a step come from one generate call (more rows per weight read), and
-    each micro-batch still trains on its own fresh tuples, in order."""
-    calls, fresh, used = [], [], []
-    real_gen, real_make, real_loss = sapo.generate_segments, sapo.make_negatives, sapo.batch_loss
-    monkeypatch.setattr(sapo, "generate_segments",
-                        lambda model, contexts, *a, **k: calls.append(len(contexts)) or real_gen(model, contexts, *a, **k))
-    monkeypatch.setattr(sapo, "make_negatives", lambda *a, **k: fresh.append(real_make(*a, **k)) or fresh[-1])
-
-    def batch_loss(kind, cfg, policy, ref, batch, *a, **k):
-        used.append([id(t) for t in batch])
-        return real_loss(kind, cfg, policy, ref, batch, *a, **k)
-    monkeypatch.setattr(sapo, "batch_loss", batch_loss)
-    sapo.train(tiny_cfg(tiny_llama_dir, small_jsonl, tmp_path / "o", grad_accum=3, use_buffer=False))
-    assert calls == [2, 6, 6, 6]      # the held-out negatives (eval_size 2), then 2 prompts x 3 micro-batches per step
-    assert used == [[id(t) for t in f[i: i + 2]] for f in fresh[1:] for i in (0, 2, 4)]
-
-
 def test_policy_generator_makes_no_ema(tiny_llama_dir, small_jsonl, tmp_path, monkeypatch):
     generators = []
     real = sapo.make_negatives

@@ -125,3 +125,20 @@ def test_tensorboard_missing_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(sapo_io.UserError, match="--report-to tensorboard needs the tensorboard package"):
         sapo_io.MetricsLog(tmp_path, 0, "tensorboard")
+
+
+def test_metrics_png_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A notebook that calls sapo.train keeps its inline plots: writing metrics.png switches no global backend."""
+    import matplotlib
+    import sapo_io
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        rows = [{"step": s, "loss": 0.7 - 0.01 * s, "rewards/margins": 0.01 * s, "rewards/accuracies": 1.0}
+                for s in (1, 2, 3)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        png = sapo_io.plot_metrics(tmp_path, before={"eval/rewards/margins": 0.0, "eval/rewards/accuracies": 0.0})
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)

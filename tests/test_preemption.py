@@ -251,7 +251,7 @@ def send_on_call(monkeypatch, owner, name, signum, when):
     return calls
 
 
-def _moment(name: str, r: random.Random):
+def _moment(name: str, r: random.Random, out: Path):
     """(what to wrap, when to signal, the step it stops at: None = setup, 'end' = it finishes, --save-steps)."""
     import safetensors.torch
     k = r.randint(1, MAX_STEPS - 1)
@@ -262,7 +262,9 @@ def _moment(name: str, r: random.Random):
             "generation": (sapo, "make_negatives", lambda n, a, kw: n == 1 + k, k, -1),
             # three models per checkpoint, one every 2 steps: call 3(j-1)+2 is inside the checkpoint of step 2j
             "checkpoint write": (safetensors.torch, "save_model", lambda n, a, kw: n == 3 * (j - 1) + 2, 2 * j, 2),
-            "last step": (sapo, "run_eval", lambda n, a, kw: not kw.get("full") and n > 1, "end", -1),
+            # the last step's held-out scoring (not the --eval-steps ones before it): steps 1..7 are logged by then
+            "last step": (sapo, "run_eval", lambda n, a, kw: not kw.get("full") and n > 1
+                          and lines(out / "metrics.jsonl") == MAX_STEPS - 1, "end", -1),
             "final save": (sapo, "save_final", lambda n, a, kw: True, "end", -1),
             "final evaluation": (sapo, "run_eval", lambda n, a, kw: kw.get("full") and n > 1, "end", -1)}[name]
 
@@ -275,9 +277,9 @@ MOMENTS = ("setup", "first evaluation", "generation", "checkpoint write", "last 
 def test_a_signal_at_each_moment(moment, monkeypatch, tmp_path, tiny_llama_dir, data, inproc_ref, capfd):
     r = rnd("moment", moment)
     signum = r.choice(SIGNALS)
-    owner, name, when, expect, save_steps = _moment(moment, r)
-    why = f"SEED={SEED} {moment} {signal.Signals(signum).name} expect {expect}"
     out = tmp_path / "o"
+    owner, name, when, expect, save_steps = _moment(moment, r, out)
+    why = f"SEED={SEED} {moment} {signal.Signals(signum).name} expect {expect}"
     calls = send_on_call(monkeypatch, owner, name, signum, when)
     rc, err = main(argv(tiny_llama_dir, data, out, save_steps=save_steps), capfd)
     monkeypatch.undo()
