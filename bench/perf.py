@@ -798,7 +798,7 @@ def bf16_numerics(args, policy, ref, batch, pad_id, device) -> dict:
 
 def generation_levers(args, model, tok, batch) -> dict:
     """Segment generation (sapo.make_negatives on a frozen fp32 copy, as the EMA generates), G = --segment-len:
-    tokens/s by rows per generate call (sapo.py makes one call per optimizer step: batch_size x grad_accum rows);
+    tokens/s by rows per generate call (sapo.py makes one call of batch_size rows per micro-batch);
     at 8 rows: transformers' static KV cache, a bf16 copy of the generator, and (--compile-lever) a compiled decoding
     step; and the bounds: one decoding step of the bare model (greedy, no generate plumbing) and the matmuls alone
     (every weight of the model times 8 rows, streamed from memory)."""
