@@ -542,6 +542,24 @@ def reset_peak_rss() -> None:
         pass
 
 
+_LIBC: list = []
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks for
+    reuse, so without it a process's RSS stays near the high-water mark of its largest phase so far (a checkpoint
+    gathered into host memory, a loaded state dict) through every later phase. Called between the phases of a step
+    and after loading or saving a checkpoint (scale/README.md: the peaks with and without it)."""
+    if not _LIBC:
+        try:
+            import ctypes
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
+
+
 def _full(t):
     """A plain tensor from a DTensor (sharded) or a tensor (one process)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -938,6 +956,7 @@ class SAPORecipe(FTRecipeInterface):
         self.n_samples = sum(1 for _ in open(self.samples_path)) if self.samples_path.exists() else 0
         mine = slice(self.rank * self.B, (self.rank + 1) * self.B)
         stop = StopSignal()        # SIGTERM / SIGINT: finish this optimizer step, checkpoint, exit 143 / 130
+        release_host_memory()      # what loading (a resumed checkpoint) freed
         reset_peak_rss()           # memory/peak_rss_gib: the training peak, setup excluded
         try:
             while self.step < self.max_steps:
@@ -971,6 +990,7 @@ class SAPORecipe(FTRecipeInterface):
             fresh = [self.examples[i] for i in self.stream.next(self.global_batch)]
             tg = time.perf_counter()
             tuples = self._make_negatives(fresh, micro)
+            release_host_memory()
             gen_time += time.perf_counter() - tg
             gen_tokens += sum(t["segment_len"] for t in tuples)
             # (3) into the replay buffer; (4) the loss on a batch sampled from it (this process's rows)
@@ -982,6 +1002,7 @@ class SAPORecipe(FTRecipeInterface):
             batch = batch[mine]
             loss, m = self._loss(batch)
             (loss / self.grad_accum).backward()
+            release_host_memory()
             accum.append(m)
             if self.is_rank_zero and self.n_samples < cfg.get("num_samples", 8):
                 with open(self.samples_path, "a") as fh:
@@ -1073,6 +1094,7 @@ class SAPORecipe(FTRecipeInterface):
                 if rank0:
                     self.ckpt[name].save_checkpoint({training.MODEL_KEY: sd}, epoch=step)
                 del sd
+                release_host_memory()     # one model's full state dict at a time, not all of them retained
         opt = training.get_full_optimizer_state_dict(self.policy, self.optimizer, rank0, device=self.device)
         if rank0:
             version, internal, gauss = self.rng.getstate()
@@ -1088,6 +1110,8 @@ class SAPORecipe(FTRecipeInterface):
             os.replace(tmp, folder / f"step_{step}.pt")
             self._prune(int(self.cfg.get("keep_last_n_checkpoints", 1)))
             log.info(f"checkpoint: step {step} in {self.out}")
+        opt = state = None
+        release_host_memory()
         dist.barrier()
 
     def _prune(self, keep: int) -> None:
