@@ -317,7 +317,7 @@ def estimate_s(args, n_runs_left=None) -> float:
 
 
 def cpu_name() -> str:
-    flags = ""
+    """The CPU's model name and its widest matrix ISA (AMX / AVX-512 / AVX2), for labelling the minutes."""
     try:
         info = Path("/proc/cpuinfo").read_text()
         name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))

@@ -802,6 +802,7 @@ def generation_levers(args, model, tok, batch) -> dict:
     at 8 rows: transformers' static KV cache, a bf16 copy of the generator, and (--compile-lever) a compiled decoding
     step; and the bounds: one decoding step of the bare model (greedy, no generate plumbing) and the matmuls alone
     (every weight of the model times 8 rows, streamed from memory)."""
+    from transformers import DynamicCache
     from transformers.generation import CompileConfig
     examples = sapo.load_examples(args.dataset, tok, args.max_length, args.max_prompt_length, verbose=False)
     pad_id, stop_ids, G = tok.pad_token_id, sapo.stop_token_ids(model, tok), args.segment_len
@@ -846,7 +847,7 @@ def generation_levers(args, model, tok, batch) -> dict:
     # the bounds: a decoding step of the bare model at n rows, and its matmuls alone
     ids = torch.tensor([e.prompt_ids[-16:] for e in examples[:n] if len(e.prompt_ids) >= 16][:n])
     with torch.no_grad():
-        cache = transformers_cache()
+        cache = DynamicCache()
         o = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt, steps, t = o.logits[:, -1].argmax(-1, keepdim=True), 2 * G, time.perf_counter()
         for _ in range(steps):
@@ -871,11 +872,6 @@ def generation_levers(args, model, tok, batch) -> dict:
         out["weight_bytes"], out["copy_weights_once_ms"] = nbytes, 1e3 * min(per)
     out["bound_rows"] = len(ids)
     return out
-
-
-def transformers_cache():
-    from transformers import DynamicCache
-    return DynamicCache()
 
 
 def report_levers(res) -> str:

@@ -542,22 +542,21 @@ def reset_peak_rss() -> None:
         pass
 
 
-_LIBC: list = []
+try:                                    # glibc's malloc_trim, where there is one
+    import ctypes
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
 
 
 def release_host_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks for
     reuse, so without it a process's RSS stays near the high-water mark of its largest phase so far (a checkpoint
-    gathered into host memory, a loaded state dict) through every later phase. Called between the phases of a step
-    and after loading or saving a checkpoint (scale/README.md: the peaks with and without it)."""
-    if not _LIBC:
-        try:
-            import ctypes
-            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    gathered into host memory, a loaded state dict) through every later phase. Called after loading or saving a
+    checkpoint, and on CPU runs (where activations are host memory) between the phases of a step (scale/README.md:
+    the peaks with and without it)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _full(t):
@@ -990,7 +989,8 @@ class SAPORecipe(FTRecipeInterface):
             fresh = [self.examples[i] for i in self.stream.next(self.global_batch)]
             tg = time.perf_counter()
             tuples = self._make_negatives(fresh, micro)
-            release_host_memory()
+            if self.device.type == "cpu":
+                release_host_memory()
             gen_time += time.perf_counter() - tg
             gen_tokens += sum(t["segment_len"] for t in tuples)
             # (3) into the replay buffer; (4) the loss on a batch sampled from it (this process's rows)
@@ -1002,7 +1002,8 @@ class SAPORecipe(FTRecipeInterface):
             batch = batch[mine]
             loss, m = self._loss(batch)
             (loss / self.grad_accum).backward()
-            release_host_memory()
+            if self.device.type == "cpu":
+                release_host_memory()
             accum.append(m)
             if self.is_rank_zero and self.n_samples < cfg.get("num_samples", 8):
                 with open(self.samples_path, "a") as fh:
