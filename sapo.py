@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, MetricsLog, PromptStream, StopSignals, Stopped,
-                     UserError, append_samples, check_config, latest_checkpoint, load_checkpoint, load_model,
-                     load_tokenizer, lr_lambda, make_optimizer, parse_args, parse_rows, pick_device,
-                     prepare_output_dir, print_summary, read_rows, rng_state, save_checkpoint, save_final,
-                     stop_token_ids, trim_jsonl, write_summary)
+                     TopKTopPSampler, UserError, append_samples, check_config, generation_copy, generation_dtype,
+                     latest_checkpoint, load_checkpoint, load_model, load_tokenizer, lr_lambda, make_optimizer,
+                     parse_args, parse_rows, pick_device, prepare_output_dir, print_summary, read_rows, rng_state,
+                     save_checkpoint, save_final, stop_token_ids, trim_jsonl, write_summary)
 
 # transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -104,6 +104,8 @@ class Config:
     temperature: float = _f(0.7, "sampling temperature for segments (authors: 0.7)")
     top_p: float = _f(0.95, "nucleus sampling for segments (authors: 0.95)")
     top_k: int = _f(50, "top-k sampling for segments (authors: 50)")
+    generator_dtype: str = _f("auto", "weights that write segments: auto = a bf16 copy where bf16 is native (CUDA, "
+                              "AVX512-BF16, AMX) or training is bf16, else fp32", choices=("auto", "fp32", "bf16"))
     # optimisation
     lr: float = _f(1e-6, "peak learning rate (authors: 5e-7 DPO/RMSprop, 5e-6 ORPO/AdamW, at 7-8B)")
     optimizer: str = _f("adamw", "adamw | rmsprop (authors' DPO) | sgd", choices=("adamw", "rmsprop", "sgd"))
@@ -442,26 +444,27 @@ def splice_negative(y_pos: list[int], t: int, G: int, segment: list[int], stop_i
 
 @torch.no_grad()
 def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int], pad_id: int, stop_ids,
-                      temperature=0.7, top_p=0.95, top_k=50, do_sample=True) -> list[list[int]]:
-    """Continue every context by up to max_new_tokens[i] tokens: one batched, KV-cached generate call on
-    left-padded contexts. Rows stop at an EOS; the caller trims each to its own length."""
+                      temperature=0.7, top_p=0.95, top_k=50, do_sample=True, dtype=None) -> list[list[int]]:
+    """Continue every context by up to max_new_tokens[i] tokens: one batched, KV-cached generate call on left-padded
+    contexts, weights in dtype (generation_copy), tokens drawn by TopKTopPSampler (transformers' distribution,
+    computed over the top-k only; generate's argmax takes its pick). Rows stop at an EOS; the caller trims."""
+    model = generation_copy(model, dtype)
     device = next(model.parameters()).device
-    L = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), L), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    B, L = len(contexts), max(len(c) for c in contexts)
+    ids, attn = torch.full((B, L), pad_id, dtype=torch.long), torch.zeros((B, L), dtype=torch.long)
     for i, c in enumerate(contexts):  # left padding, so every row's next token is at position L
         ids[i, L - len(c):] = torch.tensor(c)
         attn[i, L - len(c):] = 1
     was_training, frozen = model.training, [p for p in model.parameters() if not p.requires_grad]
     model.eval()
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+    sampling = dict(logits_processor=[TopKTopPSampler(temperature, top_k, top_p)]) if do_sample else {}
     # Autocast caches bf16 weight copies only for leaves that require grad: a frozen generator (EMA, SPIN's) would
     # re-cast every weight at every decoding step. No graph is built (no_grad): requiring grad only turns the cache on.
     for p in frozen:
         p.requires_grad_(True)
     try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=do_sample,
-                             max_new_tokens=max(max_new_tokens),
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                             temperature=None, top_p=None, top_k=None, max_new_tokens=max(max_new_tokens),
                              pad_token_id=pad_id, eos_token_id=list(stop_ids), use_cache=True, **sampling)
     finally:
         for p in frozen:
@@ -471,7 +474,7 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
 
 
 def make_negatives(generator, examples: list[Example], segment_len: int, max_length: int, rng: random.Random,
-                   pad_id: int, stop_ids, temperature=0.7, top_p=0.95, top_k=50, batch_size=None) -> list[dict]:
+                   pad_id, stop_ids, temperature=0.7, top_p=0.95, top_k=50, batch_size=None, dtype=None) -> list[dict]:
     """SAPO's self-augmented negatives: pick t, let the generator write G tokens after x + y+[:t], splice.
     Returns replay-buffer tuples with t and the kept segment length; batch_size rows per generate call."""
     tuples, per_call = [], batch_size or max(1, len(examples))
@@ -479,7 +482,7 @@ def make_negatives(generator, examples: list[Example], segment_len: int, max_len
         plan = [truncation_point(len(e.chosen_ids), len(e.prompt_ids), segment_len, max_length, rng) for e in chunk]
         contexts = [e.prompt_ids + e.chosen_ids[:t] for e, (t, _) in zip(chunk, plan)]
         segments = generate_segments(generator, contexts, [G for _, G in plan], pad_id, stop_ids, temperature, top_p,
-                                     top_k)
+                                     top_k, dtype=dtype)
         for e, (t, G), seg in zip(chunk, plan, segments):
             y_neg, kept = splice_negative(e.chosen_ids, t, G, seg, stop_ids)
             tuples.append({"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": y_neg,
@@ -698,17 +701,16 @@ def train(cfg: Config, on_step=None) -> dict:
     with StopSignals() as stop, prepare_output_dir(out, cfg.resume, cfg.overwrite, dataclasses.asdict(cfg)):
         # -- the policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO; SPIN's frozen generator)
         policy = load_model(cfg.model, torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device,
-                            cfg.trust_remote_code)
+                            cfg.trust_remote_code, cfg.gradient_checkpointing)
         dropout_rates = disable_dropout(policy)                     # as TRL and the authors (copies inherit it)
-        if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
         ema_model = frozen_copy(policy) if recipe.negatives == "ema" else None
         ref_model = frozen_copy(policy) if recipe.ref_source != "none" else None
         models = {k: m for k, m in dict(policy=policy.train(), ema=ema_model, ref=ref_model).items() if m is not None}
         pad_id, stop_ids = tok.pad_token_id, stop_token_ids(policy, tok)
         G = cfg.max_length if recipe.whole_response else cfg.segment_len   # whole: G = |y+|  =>  t = 0, no suffix
-        gen = dict(segment_len=G, max_length=cfg.max_length, pad_id=pad_id, stop_ids=stop_ids,
-                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        gen = dict(segment_len=G, max_length=cfg.max_length, pad_id=pad_id, stop_ids=stop_ids, top_k=cfg.top_k,
+                   top_p=cfg.top_p, temperature=cfg.temperature,
+                   dtype=generation_dtype(cfg.generator_dtype, cfg.precision, device))
         ref_every = (math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum)) if cfg.ref_update_steps == -1
                      else cfg.ref_update_steps)                     # -1: once per epoch of prompts
         spin_every = math.ceil(cfg.max_steps / cfg.spin_iterations) if recipe.negatives == "frozen" else 0

@@ -264,6 +264,27 @@ def our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device) -> dict:
             "loss": m["loss"], "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"]}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def step_profile(cfg, policy, ref, opt, batch, pad_id, device, matmul_peak_flops: float) -> dict:
+    """Where one of our DPO steps spends its time (torch.profiler, self time per op): the matrix multiplies, the
+    attention kernels, the optimizer's ops, and everything else (norms, rotary, masks, softmax, elementwise, autograd
+    bookkeeping); and the FLOP/s of the matrix multiplies alone, counted on the shapes they ran (padding included)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+        our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = lambda pred: sum(e.self_cpu_time_total for e in events if pred(e.key)) / total  # noqa: E731
+    mm_us = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    mm_flops = sum(e.flops for e in events if e.key in MATMUL_OPS)
+    return {"profiled_s": total / 1e6, "matmul_share": mm_us / total,
+            "attention_share": share(lambda k: "scaled_dot_product" in k),
+            "optimizer_share": share(lambda k: "adam" in k.lower() or "foreach" in k or "Optimizer" in k),
+            "matmul_gflops": mm_flops / max(mm_us, 1) / 1e3, "matmul_efficiency": mm_flops / (mm_us / 1e6) / matmul_peak_flops}
+
+
 def trl_step(trainer, inputs, opt, max_grad_norm) -> dict:
     opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -285,7 +306,7 @@ def sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, 
     opt.zero_grad(set_to_none=True)
     with sapo.autocast(cfg, device):
         tuples = sapo.make_negatives(ema, fresh, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
-                                     cfg.temperature, cfg.top_p, cfg.top_k)
+                                     cfg.temperature, cfg.top_p, cfg.top_k, dtype=generator_dtype(cfg, device))
     t2 = time.perf_counter()
     buffer.push(tuples)
     batch = buffer.sample(cfg.batch_size, rng)
@@ -304,6 +325,60 @@ def sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, 
             "backward": t5 - t4, "optimizer": t6 - t5, "step": t6 - t0,
             "gen_tokens": sum(t["segment_len"] for t in tuples), "loss_tokens": batch_stats(batch)["real_tokens"],
             "loss": m["loss"]}
+
+
+def generator_dtype(cfg, device) -> torch.dtype:
+    """The weights sapo.train generates segments with for this config on this machine (--generator-dtype auto)."""
+    return sapo_io.generation_dtype(cfg.generator_dtype, cfg.precision, device)
+
+
+HF_SAMPLER = dict(do_sample=True, logits_processor=None)   # + temperature, top_p, top_k: transformers' own draw
+
+
+def hf_sampling(cfg) -> dict:
+    """generate() arguments that make sapo.generate_segments draw with transformers' own sampler, as it did before
+    TopKTopPSampler: the same distribution, computed over the whole vocabulary."""
+    return {**HF_SAMPLER, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+
+
+@contextlib.contextmanager
+def generate_kwargs(model, **override):
+    """Calls of model.generate in this block take these arguments over the caller's."""
+    original = model.generate
+    if override:
+        model.generate = lambda *a, **kw: original(*a, **{**kw, **override})
+    try:
+        yield
+    finally:
+        model.generate = original
+
+
+def generation_before_after(args, cfg, model, examples, stop_ids, pad_id) -> dict:
+    """Segment generation for one micro-batch as sapo.py did before this change (fp32 weights, transformers'
+    sampler over the whole vocabulary) and as it does now (TopKTopPSampler, the generator dtype --generator-dtype
+    auto picks here), alternating, same prompts and truncation points; medians."""
+    now_dtype = generator_dtype(cfg, torch.device("cpu"))
+    runs: dict = {"before": [], "now": []}
+    for r in range(args.warmup + args.reps):
+        for who in (("before", "now") if r % 2 == 0 else ("now", "before")):
+            log(f"generation {r + 1}/{args.warmup + args.reps}: {who}")
+            rng = random.Random(r)
+            torch.manual_seed(r)
+            with generate_kwargs(model, **(hf_sampling(cfg) if who == "before" else {})):
+                t = time.perf_counter()
+                tuples = sapo.make_negatives(model, examples, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
+                                             cfg.temperature, cfg.top_p, cfg.top_k,
+                                             dtype=None if who == "before" else now_dtype)
+                dt = time.perf_counter() - t
+            if r >= args.warmup:
+                runs[who].append({"s": dt, "tokens": sum(x["segment_len"] for x in tuples)})
+    out = {"rows": len(examples), "segment_len": cfg.segment_len, "generator_dtype_now": str(now_dtype).split(".")[-1]}
+    for who, v in runs.items():
+        s, n = statistics.median(x["s"] for x in v), sum(x["tokens"] for x in v)
+        out[who] = {"s": s, "tokens": statistics.median(x["tokens"] for x in v),
+                    "tokens_per_s": n / sum(x["s"] for x in v)}
+    out["speedup_tokens_per_s"] = out["now"]["tokens_per_s"] / out["before"]["tokens_per_s"]
+    return out
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -386,8 +461,10 @@ def memory_child(args) -> dict:
     state += sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
     state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     state += 2 * shape["param_bytes"]                                          # EMA + reference
+    twin = sapo_io.generation_copy(ema, generator_dtype(cfg, device))          # the generator's copy, if one is kept
+    state += sum(p.numel() * p.element_size() for p in twin.parameters()) if twin is not ema else 0
     return {"runtime_baseline_gb": base, "after_setup_gb": setup, "peak_rss_gb": peak, "peak_reset": reset_ok,
-            "floor_gb": state / GB, "activations_gb": act / GB}
+            "floor_gb": state / GB, "activations_gb": act / GB, "generator_copy": twin is not ema}
 
 
 def run_memory_child(args, precision: str) -> dict:
@@ -520,9 +597,11 @@ def run(args) -> dict:
             ours.append(our_dpo_step(cfg32, policy, ref, opt, batch, pad_id, device))
     fp32_losses = [o["loss"] for o in ours]
     o_med = medians(ours[args.warmup:])
+    log("one DPO step under the profiler")
+    profile_ = step_profile(cfg32, policy, ref, opt, batch, pad_id, device, res["matmul"]["fp32"]["peak_flops"])
     res["dpo"] = {"ours": {**o_med, "tokens_per_s": stats["real_tokens"] / o_med["step"],
                            "utilization_fp32": flops / o_med["step"] / res["matmul"]["fp32"]["peak_flops"]},
-                  "ours_runs": [o["step"] for o in ours], "losses_ours": fp32_losses}
+                  "ours_runs": [o["step"] for o in ours], "losses_ours": fp32_losses, "profile": profile_}
     if trl_runs:
         t_med = medians(trl_runs[args.warmup:])
         res["dpo"]["trl"] = {**t_med, "tokens_per_s": stats["real_tokens"] / t_med["step"],
@@ -585,6 +664,13 @@ def run(args) -> dict:
         res["precision"] = None
     del opt16
 
+    # 2a. segment generation, sapo.py before this change vs now, on the fp32 SAPO step's micro-batch
+    ema0 = copy.deepcopy(policy).eval().requires_grad_(False)
+    res["generation"] = generation_before_after(args, dataclasses.replace(cfg32, batch_size=len(examples)), ema0,
+                                                examples, stop_ids, pad_id)
+    del ema0
+    gc.collect()
+
     # 2. SAPO steps, broken down, fp32 then bf16-mixed, each from the initial weights (AdamW state allocated). Each
     # alternates with one of our DPO steps on the DPO batch (order flipped every round), so that the ratio of the two
     # compares steps timed side by side: generation speed on this machine drifts by 20% over minutes.
@@ -617,6 +703,7 @@ def run(args) -> dict:
         train_part = s_med["ref_forward"] + s_med["policy_forward"] + s_med["loss_math"] + s_med["backward"]
         equal = s_med["step"] - train_part * (1 - dpo_tokens / s_med["loss_tokens"])
         res["sapo"][prec] = {**s_med, "pairs": len(fresh), "ref_refresh_per_step": refresh / steps_per_epoch,
+                             "generator_dtype": str(generator_dtype(cfg, device)).split(".")[-1],
                              "gen_tokens_per_s": s_med["gen_tokens"] / s_med["generation"],
                              "dpo_step_alternating": dpo_med["step"], "ratio_to_dpo": s_med["step"] / dpo_med["step"],
                              "ratio_to_dpo_equal_tokens": equal / dpo_med["step"]}
@@ -629,9 +716,10 @@ def run(args) -> dict:
 
     d, s, mem = res["dpo"], res["sapo"], res["memory"]
     res["goals"] = {
-        "dpo_ge_2x_trl_tokens_per_s": d["speedup_step"] >= 2.0 if "trl" in d else None,
-        "sapo_le_1.4x_dpo_fp32": s["fp32"]["ratio_to_dpo"] <= 1.4,
-        "utilization_fp32_ge_60pct": d["ours"]["utilization_fp32"] >= 0.6,
+        "dpo_ge_3x_trl_tokens_per_s": d["speedup_step"] >= 3.0 if "trl" in d else None,
+        "sapo_le_1.2x_dpo_fp32": s["fp32"]["ratio_to_dpo"] <= 1.2,
+        "generation_ge_2.5x_tokens_per_s_of_before": res["generation"]["speedup_tokens_per_s"] >= 2.5,
+        "utilization_fp32_ge_55pct": d["ours"]["utilization_fp32"] >= 0.55,
         "utilization_bf16_ge_40pct": d["bf16_mixed"]["utilization_bf16"] >= 0.4,
         "peak_memory_le_1.3x_floor_plus_activations": mem["fp32"]["peak_rss_gb"] <= mem["fp32"]["bound_gb"],
         "bf16_mixed_losses_within_tolerance (model as shipped)": res["precision"]["model"]["within_tolerance"] if res["precision"] else None,
@@ -798,11 +886,11 @@ def bf16_numerics(args, policy, ref, batch, pad_id, device) -> dict:
 
 def generation_levers(args, model, tok, batch) -> dict:
     """Segment generation (sapo.make_negatives on a frozen fp32 copy, as the EMA generates), G = --segment-len:
-    tokens/s by rows per generate call (sapo.py makes one call of batch_size rows per micro-batch);
-    at 8 rows: transformers' static KV cache, a bf16 copy of the generator, and (--compile-lever) a compiled decoding
-    step; and the bounds: one decoding step of the bare model (greedy, no generate plumbing) and the matmuls alone
-    (every weight of the model times 8 rows, streamed from memory)."""
-    from transformers import DynamicCache
+    tokens/s by rows per generate call (sapo.py makes one call of batch_size rows per micro-batch); at 8 rows: the
+    sampler (transformers' own over the whole vocabulary, as sapo.py did, vs TopKTopPSampler) with fp32 weights and
+    with the bf16 copy, the bf16 copy at 16 and 32 rows, transformers' static KV cache, and (--compile-lever) a
+    compiled decoding step; and the bounds, for fp32 and bf16 weights: one decoding step of the bare model (greedy,
+    no generate plumbing) and the matmuls alone (every weight of the model times 8 rows, streamed from memory)."""
     from transformers.generation import CompileConfig
     examples = sapo.load_examples(args.dataset, tok, args.max_length, args.max_prompt_length, verbose=False)
     pad_id, stop_ids, G = tok.pad_token_id, sapo.stop_token_ids(model, tok), args.segment_len
@@ -810,11 +898,8 @@ def generation_levers(args, model, tok, batch) -> dict:
     out: dict = {"segment_len": G, "by_rows": {}, "at_8_rows": {}}
 
     def timed(gen, n_rows, **generate_kw):
-        original = gen.generate
-        if generate_kw:
-            gen.generate = lambda *a, **kw: original(*a, **{**kw, **generate_kw})
         times, tokens = [], []
-        try:
+        with generate_kwargs(gen, **generate_kw):
             for r in range(args.warmup + args.reps):
                 rng = random.Random(r)
                 torch.manual_seed(r)
@@ -823,8 +908,6 @@ def generation_levers(args, model, tok, batch) -> dict:
                 if r >= args.warmup:
                     times.append(time.perf_counter() - t)
                     tokens.append(sum(x["segment_len"] for x in tuples))
-        finally:
-            gen.generate = original
         s = statistics.median(times)
         return {"s": s, "tokens": statistics.median(tokens), "tokens_per_s": statistics.median(tokens) / s,
                 "ms_per_position": 1e3 * s / G}
@@ -833,6 +916,17 @@ def generation_levers(args, model, tok, batch) -> dict:
         log(f"generation: {n} rows per call")
         out["by_rows"][n] = timed(model, n)
     n = min(8, len(examples))
+    hf = hf_sampling(sapo.Config())
+    twin = copy.deepcopy(sapo_io.generation_copy(model, torch.bfloat16))   # what --generator-dtype bf16 generates with
+    for name, gen, kw in (("fp32, transformers' sampler (sapo.py before)", model, hf),
+                          ("bf16 copy, transformers' sampler", twin, hf),
+                          ("bf16 copy, TopKTopPSampler (sapo.py now where bf16 is native)", twin, {})):
+        log(f"generation: {name}")
+        out["at_8_rows"][name] = timed(gen, n, **kw)
+    for rows_ in (16, 32):
+        if rows_ <= len(examples):
+            log(f"generation: bf16 copy, {rows_} rows")
+            out["at_8_rows"][f"bf16 copy, TopKTopPSampler, {rows_} rows"] = {**timed(twin, rows_), "rows": rows_}
     for name, kw in (("static KV cache", {"cache_implementation": "static"}),
                      *((("static KV cache + compiled decoding step",
                          {"cache_implementation": "static",
@@ -842,35 +936,42 @@ def generation_levers(args, model, tok, batch) -> dict:
             out["at_8_rows"][name] = timed(model, n, **kw)
         except Exception as e:      # a lever this transformers/torch cannot run here is reported, not fatal
             out["at_8_rows"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    log("generation: bf16 copy of the generator")
-    out["at_8_rows"]["bf16 copy of the generator"] = timed(copy.deepcopy(model).to(torch.bfloat16), n)
-    # the bounds: a decoding step of the bare model at n rows, and its matmuls alone
+    # the bounds: a decoding step of the bare model at n rows, and its matmuls alone, in fp32 and in bf16
     ids = torch.tensor([e.prompt_ids[-16:] for e in examples[:n] if len(e.prompt_ids) >= 16][:n])
-    with torch.no_grad():
-        cache = DynamicCache()
-        o = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt, steps, t = o.logits[:, -1].argmax(-1, keepdim=True), 2 * G, time.perf_counter()
-        for _ in range(steps):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        out["bare_decoding_step_ms"] = 1e3 * (time.perf_counter() - t) / steps
-        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        x = {w.shape[1]: torch.randn(len(ids), w.shape[1]) for w in weights}
-        per = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(x[w.shape[1]], w)
-            per.append(time.perf_counter() - t)
-        out["matmuls_alone_ms"] = 1e3 * min(per)
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        a, b = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-        per = []
-        for _ in range(3):
-            t = time.perf_counter()
-            b.copy_(a)
-            per.append(time.perf_counter() - t)
-        out["weight_bytes"], out["copy_weights_once_ms"] = nbytes, 1e3 * min(per)
+    for tag, m in (("", model), ("bf16_", twin)):
+        out.update({tag + k: v for k, v in decoding_bounds(m, ids, 2 * G).items()})
     out["bound_rows"] = len(ids)
+    return out
+
+
+@torch.no_grad()
+def decoding_bounds(model, ids, steps: int) -> dict:
+    """ms per decoding step of the bare model at len(ids) rows (greedy, DynamicCache), the ms of its Linear matmuls
+    alone at that many rows, and the ms to copy its Linear weights' bytes once."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    o = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt, t = o.logits[:, -1].argmax(-1, keepdim=True), time.perf_counter()
+    for _ in range(steps):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    out = {"bare_decoding_step_ms": 1e3 * (time.perf_counter() - t) / steps}
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {(w.shape[1], w.dtype): torch.randn(len(ids), w.shape[1], dtype=w.dtype) for w in weights}
+    per = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(x[w.shape[1], w.dtype], w)
+        per.append(time.perf_counter() - t)
+    out["matmuls_alone_ms"] = 1e3 * min(per)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    a, b = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    per = []
+    for _ in range(3):
+        t = time.perf_counter()
+        b.copy_(a)
+        per.append(time.perf_counter() - t)
+    out["weight_bytes"], out["copy_weights_once_ms"] = nbytes, 1e3 * min(per)
     return out
 
 
@@ -892,7 +993,8 @@ def report_levers(res) -> str:
             f"{b['distinct_padded_tokens']}); log-prob sums agree with sapo.py's to {res['packed_max_abs_logps_diff']:.1e}"]
     gen = res["generation"]
     base = gen["by_rows"].get("8") or gen["by_rows"].get(8)
-    out += ["", f"segment generation (sapo.make_negatives, fp32 generator, G = {gen['segment_len']}, sampling as sapo.py):",
+    out += ["", f"segment generation (sapo.make_negatives, G = {gen['segment_len']}, temperature 0.7, top-p 0.95, top-k 50; "
+            "fp32 weights and TopKTopPSampler unless the row says otherwise):",
             "", "| lever | rows per call | s per call | new tokens | tokens/s | ms per decoding position | tokens/s vs 8 rows |",
             "|---|---|---|---|---|---|---|"]
     for n, v in gen["by_rows"].items():
@@ -902,12 +1004,15 @@ def report_levers(res) -> str:
         if "error" in v:
             out.append(f"| {name} | 8 | failed: {v['error']} | | | | |")
         else:
-            out.append(f"| {name} | 8 | {v['s']:.2f} | {v['tokens']:.0f} | {v['tokens_per_s']:.0f} | "
+            out.append(f"| {name} | {v.get('rows', 8)} | {v['s']:.2f} | {v['tokens']:.0f} | {v['tokens_per_s']:.0f} | "
                        f"{v['ms_per_position']:.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
-    out += ["", f"bounds at {gen['bound_rows']} rows: one decoding step of the bare model (greedy, no generate "
-            f"plumbing) {gen['bare_decoding_step_ms']:.0f} ms; its matmuls alone (every Linear weight times "
-            f"{gen['bound_rows']} rows) {gen['matmuls_alone_ms']:.0f} ms; copying those {gen['weight_bytes'] / 1e6:.0f} MB "
-            f"of weights once (read + write) {gen['copy_weights_once_ms']:.0f} ms"]
+    for tag, name in (("", "fp32"), ("bf16_", "bf16")):
+        if tag + "bare_decoding_step_ms" in gen:
+            out += ["", f"bounds at {gen['bound_rows']} rows, {name} weights: one decoding step of the bare model "
+                    f"(greedy, no generate plumbing) {gen[tag + 'bare_decoding_step_ms']:.0f} ms; its matmuls alone "
+                    f"(every Linear weight times {gen['bound_rows']} rows) {gen[tag + 'matmuls_alone_ms']:.0f} ms; copying "
+                    f"those {gen[tag + 'weight_bytes'] / 1e6:.0f} MB of weights once (read + write) "
+                    f"{gen[tag + 'copy_weights_once_ms']:.0f} ms"]
     n = res["bf16_numerics"]
     out += ["", f"bf16-mixed numerics vs fp32, same weights (after the steps above) and the first {n['pairs']} pairs, forward only:", "",
             "| | DPO loss | abs diff | reward margin abs diff | sequence log-prob max rel diff |", "|---|---|---|---|---|",
@@ -964,11 +1069,23 @@ def report(res) -> str:
         out.append(f"| {label} | {s['fp32'][key]:.3f} | {s['bf16-mixed'][key]:.3f} |")
     out.append(f"| generated tokens (tokens/s) | {s['fp32']['gen_tokens']:.0f} ({s['fp32']['gen_tokens_per_s']:.0f}/s) | "
                f"{s['bf16-mixed']['gen_tokens']:.0f} ({s['bf16-mixed']['gen_tokens_per_s']:.0f}/s) |")
+    out.append(f"| generator weights (--generator-dtype auto here) | {s['fp32'].get('generator_dtype', '-')} | "
+               f"{s['bf16-mixed'].get('generator_dtype', '-')} |")
     out.append(f"| our DPO step, alternating with the SAPO steps | {s['fp32']['dpo_step_alternating']:.3f} | "
                f"{s['bf16-mixed']['dpo_step_alternating']:.3f} |")
     out.append(f"| **SAPO step / DPO step** | {s['fp32']['ratio_to_dpo']:.2f} | {s['bf16-mixed']['ratio_to_dpo']:.2f} |")
     out.append(f"| same, loss part scaled to the DPO batch's tokens ({s['fp32']['loss_tokens']:.0f} vs {b['real_tokens']}) | "
                f"{s['fp32']['ratio_to_dpo_equal_tokens']:.2f} | {s['bf16-mixed']['ratio_to_dpo_equal_tokens']:.2f} |")
+    gen = res.get("generation")
+    if gen:
+        out += ["", f"**2a. Segment generation, one micro-batch of {gen['rows']} rows, G = {gen['segment_len']} "
+                "(alternating, medians)**", "",
+                "| | s per call | new tokens | tokens/s |", "|---|---|---|---|",
+                f"| before: fp32 weights, transformers' sampler (whole vocabulary) | {gen['before']['s']:.2f} | "
+                f"{gen['before']['tokens']:.0f} | {gen['before']['tokens_per_s']:.0f} |",
+                f"| now: {gen['generator_dtype_now']} weights, TopKTopPSampler | {gen['now']['s']:.2f} | "
+                f"{gen['now']['tokens']:.0f} | {gen['now']['tokens_per_s']:.0f} |",
+                f"| **now / before, tokens/s** | | | **{gen['speedup_tokens_per_s']:.2f}x** |"]
     p = res["precision"]
     out += ["", "**3. Against the limit (our DPO step)**", "",
             f"| | fp32, {b['rows'] // 2} pairs | bf16-mixed (fp32 master weights), {nb} pairs |", "|---|---|---|",
@@ -981,6 +1098,16 @@ def report(res) -> str:
             f"| **utilization** of that precision's peak | {100 * o['utilization_fp32']:.0f}% | {100 * d['bf16_mixed']['utilization_bf16']:.0f}% |",
             f"| speed vs fp32 on the same pairs | 1.00x | {d['bf16_mixed']['speedup_vs_fp32']:.2f}x (fp32: "
             f"{d['bf16_mixed']['fp32_step_same_pairs']:.2f} s) |"]
+    pr = d.get("profile")
+    if pr:
+        out += [f"| where the fp32 step's time goes (one step under torch.profiler, self time) | matrix multiplies "
+                f"{100 * pr['matmul_share']:.0f}%, attention kernels {100 * pr['attention_share']:.0f}%, optimizer "
+                f"{100 * pr['optimizer_share']:.0f}%, the rest (norms, rotary, masks, softmax, elementwise, autograd) "
+                f"{100 * (1 - pr['matmul_share'] - pr['attention_share'] - pr['optimizer_share']):.0f}% | |",
+                f"| the matrix multiplies alone, on the shapes they ran (padding included) | {pr['matmul_gflops']:.0f} "
+                f"GFLOP/s = {100 * pr['matmul_efficiency']:.0f}% of the peak | |",
+                f"| real tokens / positions run in the shared-prefix rows | {b['distinct_tokens']} / "
+                f"{b['distinct_padded_tokens']} = {100 * b['distinct_tokens'] / b['distinct_padded_tokens']:.0f}% | |"]
     if p:
         fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)  # noqa: E731
         for label, q in (("model as shipped", p["model"]), ("weights dithered off the 4-bit grid", p["dithered"])):
@@ -989,7 +1116,8 @@ def report(res) -> str:
                     f"| bf16-mixed vs fp32 over those steps: {label} | | DPO loss max abs diff {q['max_abs_loss_diff']:.1e} (tol "
                     f"{q['tolerance']['abs_loss']:g}); sequence log-prob max rel diff {q['max_rel_logps_diff']:.1e} (tol "
                     f"{q['tolerance']['rel_logps']:g}) |"]
-    out += ["", "**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference)**", "",
+    copy_note = ", the generator's bf16 copy" if mem["fp32"].get("generator_copy") else ""
+    out += ["", f"**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference{copy_note})**", "",
             "| | fp32 |", "|---|---|"]
     for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward), GB", "activations_gb"),
                        ("python + torch runtime before the model, GB", "runtime_baseline_gb"),

@@ -60,7 +60,8 @@ BIG = ["llama3_8b_sapo_dpo.yaml", "mistral_7b_sapo_orpo.yaml", "llama3_8b_sapo_d
 # the tiny run, as sapo.py flags (tiny_cpu.yaml: batch_size 2 per process x 2 processes, accumulation 2)
 SAPO_FLAGS = dict(dataset=str(DATA), eval_dataset=str(DATA), eval_size=0, batch_size=4, grad_accum=2, max_length=384,
                   max_prompt_length=256, segment_len=16, lr=1e-3, ref_update_steps=2, top_k=1, warmup_ratio=0.1,
-                  schedule="linear", max_grad_norm=1.0, optimizer="adamw", save_steps=0, num_samples=4, seed=0)
+                  schedule="linear", max_grad_norm=1.0, optimizer="adamw", save_steps=0, num_samples=4, seed=0,
+                  generator_dtype="fp32")   # the recipe generates with the model's own (fp32) weights here
 COMPARED = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm")
 
 
