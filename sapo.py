@@ -15,7 +15,8 @@ Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7
     template's trailer in y+ (scored, and regenerated at t = 0).
  4. Examples longer than --max-length are skipped and counted; they cut y+ to max_length - |x| (losing EOS).
  5. ORPO's NLL is the token mean over y+ only, padding masked (theirs, old TRL: prompt and padding too).
- 6. Small-scale defaults (AdamW, lr 1e-6, max length 512, G = 32); every authors' value is one flag away.
+ 6. Small-scale defaults (AdamW, lr 1e-6, max length 512, G = 32, fp32 weights; theirs: bf16, which our segments
+    use where bf16 is native, --generator-dtype); every authors' value is one flag away.
  7. One row per tuple, [x, y+, y-[k:]] with a 4D mask (theirs, TRL: two rows); two rows where a model rejects it.
  8. A step with a NaN/inf loss or gradient is skipped and counted (--on-nonfinite stop stops instead).
  9. Baselines (sft, dpo, orpo, spin) are configurations of the same loop; SPIN's iterations run in one job.
@@ -351,9 +352,7 @@ def _shared_prefix_ok(model) -> bool:
             # y- keeps 3 tokens of its own, so its own positions are scored too (they must not see y+[k:])
             pair = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6, 7], "rejected_ids": [4, 8, 9, 10]}]
             pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in pair]
-            device = next(model.parameters()).device
-            was_training = model.training
-            model.eval()
+            device, was_training, _ = next(model.parameters()).device, model.training, model.eval()
             try:
                 with torch.no_grad(), torch.autocast(device.type, enabled=False):
                     mine = shared_prefix_logps(model, pair, 0, device)[:2]
