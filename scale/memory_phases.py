@@ -3,19 +3,28 @@ checked against, and where a CPU run's RSS goes beyond them.
 
     python -m scale.measure_memory /tmp/mm_small --shape small --steps 2 --max-length 192   # writes the model, config
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scale/memory_phases.py \\
-        --config /tmp/mm_small/config.yaml output_dir=/tmp/mm_phases [--trim]
+        --config /tmp/mm_small/config.yaml output_dir=/tmp/mm_phases [--trim] \\
+        [--resume-of /tmp/mm_small/fsdp_mixed_precision]
 
 runs the config's training (as `tune run`) with marks around each piece of a step (EMA update, generation,
 reference forward, policy forward, backward + clip, optimizer step, checkpoint save) and at setup's stages (imports,
 gloo, tokenizer + data, models, optimizer + shared-prefix check). At each mark it records the peak RSS since the
 previous mark (VmHWM, then reset) and the RSS now, and prints one JSON line per process: [[mark, peak GB, RSS GB,
-RSS after trim GB], ...], and each mark as it happens once the process group is up. GB = 10^9 bytes. With --trim, glibc's malloc_trim(0) runs at every mark: RSS after
-it is what live tensors (and the process baseline) hold; the difference is memory the allocator keeps for reuse.
+RSS after trim GB, RssAnon GB, RssFile GB], ...] (the last two after the trim: anonymous memory, i.e. the heap and
+tensors, and file-backed pages, i.e. shared libraries and mmapped checkpoint files, which the kernel can drop), and
+each mark as it happens once the process group is up. With resume_from_checkpoint=True (output_dir holding a
+checkpoint) setup has marks around each step of the resume: reading the recipe state (mmapped), reading each
+model's checkpoint, filling each (sharded) model, the optimizer state. --resume-of RUN: output_dir becomes a copy of
+the finished run RUN without its newest checkpoint, resumed from the one before (as scale.measure_memory's third
+run: RUN = OUTPUT_FOLDER/fsdp_mixed_precision). GB = 10^9 bytes. With --trim, glibc's malloc_trim(0) runs at every
+mark: RSS after it is what live tensors (and the process baseline) hold; the difference is memory the allocator keeps
+for reuse.
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TRIM = "--trim" in sys.argv
 if TRIM:
     sys.argv.remove("--trim")
+RESUME_OF = None
+if "--resume-of" in sys.argv:
+    i = sys.argv.index("--resume-of")
+    RESUME_OF = Path(sys.argv[i + 1])
+    del sys.argv[i: i + 2]
+    sys.argv.append("resume_from_checkpoint=True")
+
+
+def copy_for_resume(run: Path, out: Path) -> None:
+    """out <- run without its newest checkpoint (weights and recipe state), so that a resume starts at the one before."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run, out)
+    newest = max(int(p.stem.split("_")[1]) for p in (out / "recipe_state").glob("step_*.pt"))
+    for name in ("policy", "ema", "ref"):
+        shutil.rmtree(out / name / f"epoch_{newest}", ignore_errors=True)
+    (out / "recipe_state" / f"step_{newest}.pt").unlink()
 
 
 def _rss(field: str = "VmRSS") -> float:
@@ -40,7 +65,8 @@ def mark(name: str) -> None:
     now = _rss()
     if TRIM and _libc is not None:
         _libc.malloc_trim(0)
-    ROWS.append([name, round(_rss("VmHWM"), 3), round(now, 3), round(_rss(), 3)])
+    ROWS.append([name, round(_rss("VmHWM"), 3), round(now, 3), round(_rss(), 3), round(_rss("RssAnon"), 3),
+                 round(_rss("RssFile"), 3)])
     d = sys.modules.get("torch.distributed")
     if d is not None and d.is_initialized():   # as it happens, so that a cut-short run still reports its marks
         print(json.dumps({"rank": d.get_rank(), "mark": ROWS[-1]}), flush=True)
@@ -73,6 +99,10 @@ def _wrap(obj, name: str, label: str) -> None:
 def main(cfg) -> None:
     R.init_distributed(cfg)
     mark("gloo process group")
+    if RESUME_OF is not None:
+        if dist.get_rank() == 0:
+            copy_for_resume(RESUME_OF, Path(cfg.output_dir))
+        dist.barrier()
     recipe = R.SAPORecipe(cfg)
     setup_models = recipe._setup_models
 
@@ -82,6 +112,17 @@ def main(cfg) -> None:
         mark("setup: models built (full state dicts read one at a time)")
         return out
     recipe._setup_models = models
+    # inside setup: what a resume reads and fills, one piece at a time
+    _wrap(recipe, "_find_checkpoint", "setup: recipe state opened (mmap)")
+    build = recipe._build
+
+    def build_one(cfg_model, dtype, trainable, full_sd, *a, **k):
+        mark(f"setup: {len(full_sd)}-tensor state dict read ({'policy' if trainable else 'frozen'}, {dtype})")
+        out = build(cfg_model, dtype, trainable, full_sd, *a, **k)
+        mark(f"setup: model filled ({'policy' if trainable else 'frozen'})")
+        return out
+    recipe._build = build_one
+    _wrap(recipe, "_load_recipe_state", "setup: optimizer state loaded")
     recipe.setup(cfg)
     mark("setup: optimizer, shared-prefix check")
     _wrap(recipe, "_ema_update", "EMA update")

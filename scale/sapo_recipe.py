@@ -66,7 +66,9 @@ Where this recipe departs from sapo.py, and why
     data position, RNG and step. It is written last, atomically: its presence marks the checkpoint complete.
     The policy is written in its trained dtype (fp32 under bf16-mixed: an exact resume needs the master
     weights; transformers loads it into bf16 with dtype=torch.bfloat16), EMA and reference in bf16. At 8B a
-    checkpoint is 96 GB (scale/README.md). A resume reads one model at a time and mmaps the optimizer state.
+    checkpoint is 96 GB (scale/README.md). A resume reads one model at a time and mmaps the checkpoint files:
+    each process copies only its own rows of each tensor into its shards (load_full_model_state_dict,
+    load_full_optimizer_state_dict).
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtune import config, modules, training, utils
 from torchtune.data import Message
@@ -564,6 +567,73 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _local_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a full tensor, a view (nothing is read or copied yet): for a DTensor `like`, the slice
+    its placements give this process (FSDP2's Shard(0): a block of rows, the last one possibly shorter); for a plain
+    tensor, all of it."""
+    if not isinstance(like, DTensor):
+        return full
+    shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
+
+
+def load_full_model_state_dict(model: nn.Module, full_sd: dict, consume: bool = False) -> tuple[list[str], list[str]]:
+    """Fill a model whose parameters already have storage (sharded or not) from a full state dict, one tensor at
+    a time: each process copies its own piece of each tensor, cast to the parameter's dtype, straight into the
+    parameter (a DTensor's local shard). Returns (missing, unexpected) keys, as load_state_dict(strict=False).
+
+    Memory: with the checkpoint's tensors mmapped (safetensors, torch.load(mmap=True)) a process reads only the
+    pages of its own rows, and nothing but the parameters is allocated: no collective, no full copy of a tensor
+    (torchtune 0.6.1's load_from_full_model_state_dict casts each full tensor, and distribute_tensor splits it into
+    contiguous copies of every process's chunk on every process, then scatters from process 0, which so reads the
+    whole file). consume: drop each tensor from full_sd once copied (torchtune's HF checkpointer converts some
+    tensors, e.g. Llama's q/k permutation, into memory of their own: freed as the load goes)."""
+    own = model.state_dict(keep_vars=True)      # FSDP2: the sharded parameters themselves (DTensors)
+    unexpected = [k for k in full_sd if k not in own]
+    missing = [k for k in own if k not in full_sd]
+    with torch.no_grad():
+        for key in [k for k in full_sd if k in own]:
+            full = full_sd.pop(key) if consume else full_sd[key]
+            target = own[key]
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(_local_piece(full, target))
+            del full
+    return missing, unexpected
+
+
+def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, full: dict) -> None:
+    """The optimizer state from a full (gathered) state dict, as training.get_full_optimizer_state_dict writes it,
+    one parameter at a time: each process copies its own piece of each state tensor out of the (mmapped)
+    checkpoint into memory of its own, so that nothing refers to the file afterwards (torchtune 0.6.1's
+    load_from_full_optimizer_state_dict first creates a zero state for every parameter beside the loaded one, reads
+    every full tensor on process 0, and keeps the checkpoint's own 'step' tensors: the whole mmapped file stays
+    mapped, its pages in the process's RSS, for the rest of the run)."""
+    saved_groups = full["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
+                         f"{len(optimizer.param_groups)}")
+    param_of = {}
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"the checkpoint's optimizer has {len(saved['params'])} parameters in a group, this one "
+                             f"{len(group['params'])}")
+        param_of.update(zip(saved["params"], group["params"]))
+    state = {}
+    for pid, saved_state in full["state"].items():
+        p, mine = param_of[pid], {}
+        for k, v in saved_state.items():
+            if isinstance(v, torch.Tensor) and isinstance(p, DTensor) and v.dim() and tuple(v.shape) == tuple(p.shape):
+                local = torch.empty(p.to_local().shape, dtype=v.dtype, device=p.to_local().device)
+                local.copy_(_local_piece(v, p))
+                mine[k] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                             stride=p.stride())
+            elif isinstance(v, torch.Tensor):   # 'step'; an unsharded process's state
+                mine[k] = v.to(device=p.device if v.dim() else v.device, copy=True)
+            else:
+                mine[k] = v
+        state[pid] = mine
+    optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+
+
 def prepare_model(model: nn.Module, cfg: DictConfig, trainable: bool, shard: bool) -> None:
     """What happens to a freshly built (meta) model before its weights arrive: which parameters train (LoRA:
     the adapters, in fp32 under bf16-mixed), activation checkpointing (trained model only), and the FSDP2
@@ -703,7 +773,8 @@ class SAPORecipe(FTRecipeInterface):
         resumed = state is not None
         if resumed:
             self._load_recipe_state(state)
-        del state   # (mmapped: nothing stays in memory once the optimizer holds its shards)
+        del state   # (mmapped: unmapped here, the optimizer holds copies of its own pieces)
+        release_host_memory()
         self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
         if self.is_rank_zero:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -722,38 +793,40 @@ class SAPORecipe(FTRecipeInterface):
         utils.log_rank_zero(log, f"{self.max_steps} steps of {prompts_per_step} prompts on {self.world_size} processes; "
                                  f"reference refresh every {self.ref_every} steps; starting at step {self.step}")
 
-    def _build(self, cfg_model: DictConfig, dtype, trainable: bool, full_sd: dict, lora_sd: dict | None = None) -> nn.Module:
-        """A torchtune model, built on the meta device (no memory), sharded when there are several processes,
-        then filled from a full state dict (each process keeps its shards). LoRA: adapters trainable, base frozen."""
+    def _build(self, cfg_model: DictConfig, dtype, trainable: bool, full_sd: dict, lora_sd: dict | None = None,
+               consume: bool = False) -> nn.Module:
+        """A torchtune model, built on the meta device (no memory), sharded when there are several processes, given
+        storage for its shards only, then filled from a full state dict one tensor at a time (each process copies
+        its own rows: load_full_model_state_dict; consume: drop each tensor from full_sd once copied). LoRA:
+        adapters trainable, base frozen."""
         with training.set_default_dtype(dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         prepare_model(model, self.cfg, trainable, shard=self.shard)
         cpu_offload = self.cfg.get("fsdp_cpu_offload", False)
+        # offloaded shards live in CPU RAM (as torchtune's lora_dpo_distributed does); FSDP2 re-points its sharded
+        # parameters at the new storage
+        model.to_empty(device="cpu" if cpu_offload and self.shard else self.device)
         with training.set_default_dtype(dtype), self.device:
             for m in model.modules():
                 if self.lora and isinstance(m, LoRALinear) and lora_sd is None:
-                    # offloaded shards live in CPU RAM (as torchtune's lora_dpo_distributed does)
-                    m.to_empty(device="cpu" if cpu_offload and self.shard else self.device)
                     m.initialize_parameters()
                 if hasattr(m, "rope_init"):     # RoPE caches are not in the state dict
                     m.rope_init()
         check_shapes(model, full_sd, self.cfg)
-        if not self.shard and self.device.type == "cpu":
-            # unsharded, the loader keeps the state dict's own tensors when dtype and device already match,
-            # and policy, EMA and reference are all filled from one state dict: give each its own copy
-            full_sd = {k: v.clone() for k, v in full_sd.items()}
+        missing, unexpected = load_full_model_state_dict(model, full_sd, consume=consume)
         if self.lora:
-            base_missing, base_unexpected = training.load_from_full_model_state_dict(model, full_sd, self.device, cpu_offload=cpu_offload)
             lora_missing = lora_unexpected = None
             if lora_sd is not None:
-                lora_missing, lora_unexpected = training.load_from_full_model_state_dict(model, lora_sd, self.device, cpu_offload=cpu_offload)
+                lora_missing, lora_unexpected = load_full_model_state_dict(model, lora_sd)
             c = self.cfg.model
             validate_missing_and_unexpected_for_lora(
                 lora_attn_modules=list(c.lora_attn_modules), apply_lora_to_mlp=c.get("apply_lora_to_mlp", False),
-                apply_lora_to_output=c.get("apply_lora_to_output", False), base_missing=base_missing,
-                base_unexpected=base_unexpected, lora_missing=lora_missing, lora_unexpected=lora_unexpected)
-        else:
-            training.load_from_full_model_state_dict(model, full_sd, self.device, strict=True, cpu_offload=cpu_offload)
+                apply_lora_to_output=c.get("apply_lora_to_output", False), base_missing=missing,
+                base_unexpected=unexpected, lora_missing=lora_missing, lora_unexpected=lora_unexpected)
+        elif missing or unexpected:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing}, "
+                               f"unexpected keys {unexpected} (checkpointer.checkpoint_dir: "
+                               f"{self.cfg.checkpointer.checkpoint_dir})")
         training.validate_no_params_on_meta_device(model)
         disable_dropout(model)
         enable_position_selection(model)
@@ -778,7 +851,8 @@ class SAPORecipe(FTRecipeInterface):
             self.ckpt["policy"] = self._checkpointer("policy")
             base = self.ckpt["policy"].load_checkpoint()[training.MODEL_KEY]
             lora_sd = safe_torch_load(step_dir("policy") / "adapter_model.pt") if state else None
-            self.policy = self._build(cfg.model, self.frozen_dtype if self.mixed else self.train_dtype, True, base, lora_sd)
+            self.policy = self._build(cfg.model, self.frozen_dtype if self.mixed else self.train_dtype, True, base, lora_sd,
+                                      consume=True)
             del base
             self.live = AdapterSet({n.replace("._checkpoint_wrapped_module", ""): p
                                     for n, p in self.policy.named_parameters() if p.requires_grad})
@@ -791,10 +865,12 @@ class SAPORecipe(FTRecipeInterface):
                     self.ref = self.live.copy()
                     self._load_adapters(self.ref, step_dir("ref") / "adapter_model.pt")
             return
-        # One model at a time: each process holds one full state dict (fp32 policy: 4 bytes per parameter) only
-        # while that model is filled, and releases it before reading the next (a resume reads three).
+        # One model at a time: each process opens one checkpoint (mmapped; torchtune's HF checkpointer converts
+        # Llama's q/k into memory of its own), copies its own rows into the model's shards, and releases it before
+        # reading the next (a resume reads three).
         models, sd = {}, None
-        for name in ["policy", "ema"] + (["ref"] if dpo else []):
+        names = ["policy", "ema"] + (["ref"] if dpo else [])
+        for name in names:
             if state or name == "policy":
                 self.ckpt[name] = self._checkpointer(name, step_dir(name) if state else None)
                 sd = self.ckpt[name].load_checkpoint()[training.MODEL_KEY]
@@ -802,7 +878,7 @@ class SAPORecipe(FTRecipeInterface):
                 self.ckpt[name] = self._checkpointer(name)
                 self.ckpt[name]._weight_map = self.ckpt["policy"]._weight_map   # key -> shard file; torchtune fills it on load
             models[name] = self._build(cfg.model, self.train_dtype if name == "policy" else self.frozen_dtype,
-                                       name == "policy", sd)
+                                       name == "policy", sd, consume=bool(state) or name == names[-1])
             if state:
                 sd = None
         del sd
@@ -825,8 +901,9 @@ class SAPORecipe(FTRecipeInterface):
             return None
         utils.log_rank_zero(log, f"resuming from {states[-1]}")
         # mmap: the optimizer state (4-8 bytes per parameter, 32-64 GB at 8B) stays in the file (page cache, shared
-        # by the processes of a node); each process reads the slices of its own shards when the optimizer is
-        # filled, after the models are built. weights_only: never unpickles arbitrary objects.
+        # by the processes of a node); each process copies the slices of its own shards when the optimizer is
+        # filled, after the models are built (load_full_optimizer_state_dict), and the mapping goes with `state`
+        # at the end of setup. weights_only: never unpickles arbitrary objects.
         return torch.load(states[-1], map_location="cpu", weights_only=True, mmap=True)
 
     def _load_recipe_state(self, state: dict) -> None:
@@ -834,7 +911,7 @@ class SAPORecipe(FTRecipeInterface):
             utils.log_rank_zero(log, f"seed {self.seed} in the config, {state['seed']} in the checkpoint: using the checkpoint's")
             self.seed = state["seed"]
         self.step, self.skipped = state["step"], state["skipped"]
-        training.load_from_full_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"], self.device)
+        load_full_optimizer_state_dict(self.optimizer, state["optimizer"])   # nothing refers to the mmapped file after
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.buffer.load_state_dict(state["buffer"])
         self.stream = PromptStream(len(self.examples), self.seed, *state["stream"])
