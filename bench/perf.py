@@ -196,6 +196,17 @@ def dpo_step_flops(batch, shape) -> float:
     return 4 * forward_flops(batch, shape)   # policy forward + backward (3x) + reference forward (1x)
 
 
+def executed_linear_flops(stats: dict, shape: dict) -> dict:
+    """FLOPs of the linear layers each trainer's DPO step runs, padding included (attention left out): the blocks at
+    every position of its rows, the output layer where it computes logits (TRL: every position of its 2B padded
+    rows; ours: the scored positions of the B shared-prefix rows); x4 for policy forward + backward and the
+    reference forward. Their ratio is the speedup the layouts alone give at equal matmul efficiency."""
+    body, head = 2 * shape["n_body"], 2 * shape["d_model"] * shape["vocab"]
+    ours = 4 * (body * stats["distinct_padded_tokens"] + head * stats["distinct_scored_tokens"])
+    trl = 4 * (body + head) * stats["padded_tokens"]
+    return {"ours": ours, "trl": trl, "ratio": trl / ours}
+
+
 # --------------------------------------------------------------------------------------------- matmul peak
 
 def matmul_peak(shape, M: int, Mc: int, dtype, reps: int, head_rows: int = 512, min_time: float = 0.25) -> dict:
@@ -1057,6 +1068,9 @@ def report(res) -> str:
                    f"ours {d['speedup_step']:.2f}x faster |")
         out.append(f"| utilization of fp32 matmul peak | {100 * o['utilization_fp32']:.0f}% | {100 * t['utilization_fp32']:.0f}% | |")
         out.append(f"| losses step by step (max abs diff) | | | {d['max_abs_loss_diff_vs_trl']:.1e} |")
+        ex = executed_linear_flops(b, res["model"])
+        out.append(f"| linear-layer work executed (padding and every computed logit included), TFLOP | "
+                   f"{ex['ours'] / 1e12:.2f} | {ex['trl'] / 1e12:.2f} | {ex['ratio']:.2f}x |")
     nb = d["bf16_mixed"]["pairs"]
     out += ["", "**2. SAPO step, broken down (medians, s)**", "",
             f"| part | fp32, {s['fp32']['pairs']} pairs | bf16-mixed, {s['bf16-mixed']['pairs']} pairs |", "|---|---|---|"]
@@ -1160,6 +1174,7 @@ def parse(argv=None):
                     "(torch.compile of the decoding forward, static cache; compiling takes minutes on a CPU)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL comparison (TRL not installed)")
     ap.add_argument("--out", default=None, help="JSON results (default bench/perf_results.json, --levers: bench/perf_levers.json)")
+    ap.add_argument("--report-from", default=None, help="print the report of a results JSON written earlier (no run)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     quick = {"batch_size": 2, "reps": 1, "warmup": 0, "segment_len": 8, "matmul_reps": 1, "max_length": 96}
@@ -1183,6 +1198,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args)), flush=True)
+        return 0
+    if args.report_from:
+        try:
+            res = json.loads(Path(args.report_from).read_text())
+            print(f"command: {res['command']}\n" + (report_levers(res) if res.get("mode") == "levers" else report(res)))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {args.report_from}: not a bench/perf.py results file ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
         return 0
     print(f"command: {args.command}", flush=True)
     if args.levers:

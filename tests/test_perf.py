@@ -77,6 +77,11 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
     assert set(res["goals"]) >= {"dpo_ge_3x_trl_tokens_per_s", "sapo_le_1.2x_dpo_fp32", "utilization_fp32_ge_55pct",
                                  "generation_ge_2.5x_tokens_per_s_of_before", "utilization_bf16_ge_40pct",
                                  "peak_memory_le_1.3x_floor_plus_activations"}
+    # --report-from prints the same report from the JSON, without running anything
+    again = subprocess.run([sys.executable, "bench/perf.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "linear-layer work executed" in again.stdout
+    assert again.stdout.split("\n", 1)[1].strip() in r.stdout
     # the SAPO step generates with the weights sapo.train would pick here
     import sapo_io
     import torch
