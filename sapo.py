@@ -17,7 +17,8 @@ Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7
  5. ORPO's NLL is the token mean over y+ only, padding masked (theirs, old TRL: prompt and padding too).
  6. Small-scale defaults (AdamW, lr 1e-6, max length 512, G = 32, fp32 weights; theirs: bf16, which our segments
     use where bf16 is native, --generator-dtype); every authors' value is one flag away.
- 7. One row per tuple, [x, y+, y-[k:]] with a 4D mask (theirs, TRL: two rows); two rows where a model rejects it.
+ 7. One segment [x, y+, y-[k:]] per tuple, short ones packed into shared rows, with a 4D mask (theirs, TRL: two
+    rows per tuple); two rows where a model rejects it.
  8. A step with a NaN/inf loss or gradient is skipped and counted (--on-nonfinite stop stops instead).
  9. Baselines (sft, dpo, orpo, spin) are configurations of the same loop; SPIN's iterations run in one job.
 
@@ -294,42 +295,51 @@ def shared_prefix_len(y_pos: list[int], y_neg: list[int]) -> int:
     return k
 
 
-def shared_prefix_layout(batch: list[dict], pad_id: int) -> dict:
-    """One row [x, y+[:k], y+[k:], y-[k:]] per tuple: y-[k:] sits after y+ but attends only to the shared part and to
-    itself, its positions continuing from the shared part. CPU tensors: ids, pos (B, T), allow (B, T, T) bool, and per
-    scored token (N,): its row, the position whose logits predict it, the target, whether it counts for y+ / y-."""
-    B, T, plan = len(batch), 0, []
+def shared_prefix_layout(batch: list[dict], pad_id: int, pack: bool = True) -> dict:
+    """One segment [x, y+[:k], y+[k:], y-[k:]] per tuple: y-[k:] sits after y+ but attends only to the shared part and
+    to itself, its positions continuing from the shared part. Segments are packed first-fit, longest first, into rows
+    as long as the longest (block-diagonal mask, positions restarting per segment): less padding, the same sums.
+    CPU tensors: ids, pos (rows, T), allow (rows, T, T) bool, and per scored token (N,): its tuple, its row, the
+    position whose logits predict it, the target, whether it counts for y+ / y-."""
+    plan = []
     for b in batch:
         x, y_pos, y_neg = b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]
         k = shared_prefix_len(y_pos, y_neg)
         plan.append((x + y_pos + y_neg[k:], len(x), len(x) + k, len(y_pos) - k, len(y_neg) - k))
-        T = max(T, len(plan[-1][0]))
-    ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros((B, T), dtype=torch.long)
-    allow = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)        # padding attends to itself: no all-masked rows
-    h_at, target_at, row_of, is_pos, is_neg = [], [], [], [], []  # one entry per scored token
+    T, place, used = max(len(p[0]) for p in plan), {}, []     # place: tuple -> (row, offset); used: row -> length
+    for i in sorted(range(len(plan)), key=lambda i: -len(plan[i][0])) if pack else range(len(plan)):
+        E = len(plan[i][0])
+        j = next((j for j, u in enumerate(used) if pack and u + E <= T), None)
+        if j is None:                                              # no row has room: open one
+            j, used = len(used), used + [0]
+        place[i], used[j] = (j, used[j]), used[j] + E
+    ids, pos = torch.full((len(used), T), pad_id, dtype=torch.long), torch.zeros((len(used), T), dtype=torch.long)
+    allow = torch.eye(T, dtype=torch.bool).repeat(len(used), 1, 1)  # padding attends to itself: no all-masked rows
+    h_at, target_at, tuple_of, row_of, is_pos, is_neg = [], [], [], [], [], []  # one entry per scored token
     for i, (r, P, S, C, R) in enumerate(plan):   # P = |x|, S = |x| + k shared, C own y+ tokens, R own y- tokens
-        E = S + C + R                                # = len(r)
-        ids[i, :E] = torch.tensor(r)
-        pos[i, : S + C], pos[i, S + C: E] = torch.arange(S + C), torch.arange(S, S + R)
-        allow[i, : S + C, : S + C] = torch.ones(S + C, S + C, dtype=torch.bool).tril()
-        allow[i, S + C: E, :S] = True
-        allow[i, S + C: E, S + C: E] = torch.ones(R, R, dtype=torch.bool).tril()
+        (j, o), E = place[i], S + C + R              # row j from offset o; E = len(r)
+        ids[j, o: o + E], a = torch.tensor(r), allow[j, o: o + E, o: o + E]   # a: a view of this segment's block
+        pos[j, o: o + S + C], pos[j, o + S + C: o + E] = torch.arange(S + C), torch.arange(S, S + R)
+        a[: S + C, : S + C] = torch.ones(S + C, S + C, dtype=torch.bool).tril()
+        a[S + C:, :S] = True
+        a[S + C:, S + C:] = torch.ones(R, R, dtype=torch.bool).tril()
         h = list(range(P - 1, S + C - 1)) + [S - 1] + list(range(S + C, S + C + R - 1))  # y-'s 1st own token: S - 1
-        h_at, target_at, row_of = h_at + h, target_at + r[P: S + C] + r[S + C:], row_of + [i] * len(h)
+        h_at, target_at = h_at + [o + v for v in h], target_at + r[P: S + C] + r[S + C:]
+        tuple_of, row_of = tuple_of + [i] * len(h), row_of + [j] * len(h)
         is_pos += [True] * (S + C - P) + [False] * R
         is_neg += [True] * (S - P) + [False] * C + [True] * R
     t = torch.tensor
-    return {"ids": ids, "pos": pos, "allow": allow, "row_of": t(row_of), "h_at": t(h_at), "targets": t(target_at),
-            "is_pos": t(is_pos, dtype=torch.bool), "is_neg": t(is_neg, dtype=torch.bool),
+    return {"ids": ids, "pos": pos, "allow": allow, "tuple_of": t(tuple_of), "row_of": t(row_of), "h_at": t(h_at),
+            "targets": t(target_at), "is_pos": t(is_pos, dtype=torch.bool), "is_neg": t(is_neg, dtype=torch.bool),
             "n_pos": t([len(b["chosen_ids"]) for b in batch]), "n_neg": t([len(b["rejected_ids"]) for b in batch])}
 
 
 def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
     """preference_logps with the shared prefix computed once: (sum+, sum-, n+, n-), each (B,).
 
-    y+ and y- share x and a prefix y+[:k] (SAPO: k >= t; offline pairs: at least x), so each tuple is one row
-    (shared_prefix_layout, a 4D mask). The logits of the shared tokens count for both sums. Same numbers as two
-    rows per tuple up to float rounding; 0.6-0.7x the tokens through the model."""
+    y+ and y- share x and a prefix y+[:k] (SAPO: k >= t; offline pairs: at least x), so each tuple is one segment of
+    a row (shared_prefix_layout, a 4D mask; short segments share rows). The logits of the shared tokens count for
+    both sums. Same numbers as two rows per tuple up to float rounding; 0.6-0.7x the tokens through the model."""
     L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
     kind = torch.device(device).type                              # the mask in the dtype attention runs in
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
@@ -338,20 +348,24 @@ def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
     logits = model.get_output_embeddings()(hidden[L["row_of"], L["h_at"]]).float()                       # (N, V)
     token_logps = -F.cross_entropy(logits, L["targets"], reduction="none")
     zeros = torch.zeros(len(batch), device=token_logps.device)
-    return (zeros.index_add(0, L["row_of"][L["is_pos"]], token_logps[L["is_pos"]]),
-            zeros.index_add(0, L["row_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
+    return (zeros.index_add(0, L["tuple_of"][L["is_pos"]], token_logps[L["is_pos"]]),
+            zeros.index_add(0, L["tuple_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
+
+
+# The check's tuples: the first one's y- keeps 3 tokens of its own, so its own positions are scored too (they must not
+# see y+[k:]); the two short ones share a packed row (they must not see each other, their positions restarting at 0).
+SHARED_PREFIX_PROBE = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6, 7], "rejected_ids": [4, 8, 9, 10]},
+                       *[{"prompt_ids": [11, 12], "chosen_ids": [13, 14], "rejected_ids": [13, 15]}] * 2]
 
 
 def _shared_prefix_ok(model) -> bool:
     """Does the model honour a 4D attention mask and position_ids? Checked once per model: shared_prefix_logps
-    against the two-row forward on a small pair (fails for attention kernels that ignore custom masks)."""
+    against the two-row forward on SHARED_PREFIX_PROBE (fails for attention kernels that ignore custom masks)."""
     if not hasattr(model, "_sapo_shared_prefix"):
         ok = _head_only_ok(model)
         if ok:
             V = model.config.vocab_size
-            # y- keeps 3 tokens of its own, so its own positions are scored too (they must not see y+[k:])
-            pair = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6, 7], "rejected_ids": [4, 8, 9, 10]}]
-            pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in pair]
+            pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in SHARED_PREFIX_PROBE]
             device, was_training, _ = next(model.parameters()).device, model.training, model.eval()
             try:
                 with torch.no_grad(), torch.autocast(device.type, enabled=False):
@@ -539,7 +553,7 @@ def _beyond_window(cfg, batch: list[dict]) -> bool:
 
 def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=None):
     """(sum+, sum-, n+, n-), each (B,), for a batch of (x, y+, y-) tuples. With a transformers model that
-    honours 4D masks (checked once per model), one shared-prefix row per tuple (shared_prefix_logps);
+    honours 4D masks (checked once per model), one shared-prefix segment per tuple (shared_prefix_logps);
     otherwise one concatenated forward over [y+ rows; y- rows]. logps_fn(model, **collated) replaces
     sequence_logps in the latter (scale/ passes its torchtune twin)."""
     if logps_fn is None and _shared_prefix_ok(model) and not _beyond_window(model.config, batch):

@@ -165,9 +165,11 @@ def batch_stats(batch) -> dict:
     padded = len(rows) * max(T for T, _ in rows)
     shared = [shared_layout(b) for b in batch]
     lengths = [P + k + C + R for P, k, C, R in shared]
+    packed_rows = len(sapo.shared_prefix_layout(batch, 0)["ids"])   # sapo.py packs short tuples into shared rows
     return {"rows": len(rows), "real_tokens": real, "padded_tokens": padded, "completion_tokens": sum(C for _, C in rows),
             "max_len": max(T for T, _ in rows), "mean_len": real / len(rows), "real_fraction": real / padded,
-            "distinct_tokens": sum(lengths), "distinct_padded_tokens": len(lengths) * max(lengths),
+            "distinct_tokens": sum(lengths), "distinct_rows": packed_rows, "distinct_padded_tokens": packed_rows * max(lengths),
+            "unpacked_padded_tokens": len(lengths) * max(lengths),
             "distinct_scored_tokens": sum(k + C + R for _, k, C, R in shared)}
 
 
@@ -199,7 +201,7 @@ def dpo_step_flops(batch, shape) -> float:
 def executed_linear_flops(stats: dict, shape: dict) -> dict:
     """FLOPs of the linear layers each trainer's DPO step runs, padding included (attention left out): the blocks at
     every position of its rows, the output layer where it computes logits (TRL: every position of its 2B padded
-    rows; ours: the scored positions of the B shared-prefix rows); x4 for policy forward + backward and the
+    rows; ours: the scored positions of its packed shared-prefix rows); x4 for policy forward + backward and the
     reference forward. Their ratio is the speedup the layouts alone give at equal matmul efficiency."""
     body, head = 2 * shape["n_body"], 2 * shape["d_model"] * shape["vocab"]
     ours = 4 * (body * stats["distinct_padded_tokens"] + head * stats["distinct_scored_tokens"])
@@ -745,8 +747,9 @@ def run(args) -> dict:
 
 def run_levers(args) -> dict:
     """A/B the levers on our fp32 DPO step, alternating (rotating order) on the same batch and weights: sapo.py as it
-    is (one shared-prefix row per pair); two rows per pair ([y+ rows; y- rows], sapo.py before the shared prefix, and
-    its fallback for models that ignore 4D masks); fused AdamW; both."""
+    is (shared-prefix tuples packed into rows); two rows per pair ([y+ rows; y- rows], sapo.py before the shared
+    prefix, and its fallback for models that ignore 4D masks); fused AdamW; both; one shared-prefix row per tuple
+    (sapo.py before packing)."""
     res: dict = {"command": args.command, "mode": "levers", "machine": machine_info()}
     device = torch.device("cpu")
     policy, tok = sapo_io.load_model_and_tokenizer(args.model)
@@ -767,17 +770,15 @@ def run_levers(args) -> dict:
         b = sapo.preference_logps(policy, batch, pad_id, device)
     res["batch"], res["shared_prefix_supported"] = stats, shared_ok
     res["layouts_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
-    with torch.no_grad(), packing(True):
+    with torch.no_grad(), packing(False):
         c = sapo.preference_logps(policy, batch, pad_id, device)
-    res["packed_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], c[:2]))
-    _, T, bins, _ = pack_plan(batch)
-    res["packed_rows"], res["packed_padded_tokens"] = len(bins), len(bins) * T
+    res["unpacked_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], c[:2]))
     fused = lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # noqa: E731
-    configs = {"sapo.py as is (shared prefix)": (True, sapo.make_optimizer(cfg, policy.parameters()), False),
-               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters()), False),
-               "shared prefix + fused AdamW": (True, fused(), False),
-               "two rows + fused AdamW": (False, fused(), False),
-               "shared prefix, tuples packed into rows": (True, sapo.make_optimizer(cfg, policy.parameters()), True)}
+    configs = {"sapo.py as is (shared prefix, tuples packed into rows)": (True, sapo.make_optimizer(cfg, policy.parameters()), True),
+               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters()), True),
+               "shared prefix + fused AdamW": (True, fused(), True),
+               "two rows + fused AdamW": (False, fused(), True),
+               "shared prefix, one row per tuple (not packed)": (True, sapo.make_optimizer(cfg, policy.parameters()), False)}
     runs, names = {k: [] for k in configs}, list(configs)
     try:
         for r in range(args.warmup + args.reps):
@@ -800,56 +801,15 @@ def run_levers(args) -> dict:
     return res
 
 
-def pack_plan(batch):
-    """First-fit, longest first: (row length of each tuple, packed row length T, used length of each packed row,
-    {tuple: (packed row, offset)})."""
-    E = [P + k + C + R for P, k, C, R in map(shared_layout, batch)]
-    T, bins, where = max(E), [], {}
-    for i in sorted(range(len(batch)), key=lambda i: -E[i]):
-        j = next((j for j, used in enumerate(bins) if used + E[i] <= T), None)
-        if j is None:
-            bins.append(0)
-            j = len(bins) - 1
-        where[i], bins[j] = (j, bins[j]), bins[j] + E[i]
-    return E, T, bins, where
-
-
-def packed_logps(model, batch, pad_id, device):
-    """sapo.shared_prefix_logps with several tuples packed into one row (the packing lever, measured here only): the
-    rows of sapo.shared_prefix_layout placed first-fit (longest first) into rows of the longest tuple's length,
-    block-diagonal masks, positions restarting per tuple. Same sums up to float rounding, fewer padded positions."""
-    L = sapo.shared_prefix_layout(batch, pad_id)
-    E, T, bins, where = pack_plan(batch)
-    ids = torch.full((len(bins), T), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(bins), T), dtype=torch.long)
-    allow = torch.eye(T, dtype=torch.bool).repeat(len(bins), 1, 1)
-    for i, (j, o) in where.items():
-        ids[j, o: o + E[i]], pos[j, o: o + E[i]] = L["ids"][i, :E[i]], L["pos"][i, :E[i]]
-        allow[j, o: o + E[i], o: o + E[i]] = L["allow"][i, :E[i], :E[i]]
-    prow = torch.tensor([where[int(i)][0] for i in L["row_of"]])
-    at = torch.tensor([where[int(i)][1] for i in L["row_of"]]) + L["h_at"]
-    kind = torch.device(device).type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
-    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)[:, None]
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=pos.to(device)).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[prow.to(device), at.to(device)]).float()
-    token_logps = -torch.nn.functional.cross_entropy(logits, L["targets"].to(device), reduction="none")
-    zeros, row_of = torch.zeros(len(batch), device=device), L["row_of"].to(device)
-    return (zeros.index_add(0, row_of[L["is_pos"]], token_logps[L["is_pos"]]),
-            zeros.index_add(0, row_of[L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"].to(device),
-            L["n_neg"].to(device))
-
-
 @contextlib.contextmanager
 def packing(on: bool):
-    """sapo.preference_logps looks shared_prefix_logps up at call time: swap in packed_logps, in this process only."""
-    original = sapo.shared_prefix_logps
-    sapo.shared_prefix_logps = packed_logps if on else original
+    """sapo.shared_prefix_logps looks shared_prefix_layout up at call time: with pack=on, in this process only."""
+    original = sapo.shared_prefix_layout
+    sapo.shared_prefix_layout = lambda batch, pad_id: original(batch, pad_id, pack=on)
     try:
         yield
     finally:
-        sapo.shared_prefix_logps = original
+        sapo.shared_prefix_layout = original
 
 
 class _Fp32Head:
@@ -992,16 +952,21 @@ def report_levers(res) -> str:
            f"{m['loadavg_start']:.1f} at start, {m['loadavg_end']:.1f} at end",
            f"batch: {b['rows'] // 2} pairs; tokens through the model: two rows per pair {b['real_tokens']} real / "
            f"{b['padded_tokens']} padded as {b['rows']} rows; shared prefix {b['distinct_tokens']} real / "
-           f"{b['distinct_padded_tokens']} padded as {b['rows'] // 2} rows; log-prob sums agree to "
+           f"{b['distinct_padded_tokens']} padded as {b.get('distinct_rows', b['rows'] // 2)} rows; log-prob sums agree to "
            f"{res['layouts_max_abs_logps_diff']:.1e}", "",
            "| our fp32 DPO step | forward+backward s | optimizer s | step s | pair tokens/s | speed vs sapo.py |",
            "|---|---|---|---|---|---|"]
     for k, v in res["levers"].items():
         out.append(f"| {k} | {v['forward_backward']:.2f} | {v['optimizer']:.2f} | {v['step']:.2f} | {v['tokens_per_s']:.0f} | "
                    f"{v['speedup']:.2f}x |")
-    out += ["", f"packed: the {b['rows'] // 2} shared-prefix rows as {res['packed_rows']} rows of "
-            f"{res['packed_padded_tokens'] // res['packed_rows']} positions ({res['packed_padded_tokens']} padded, vs "
-            f"{b['distinct_padded_tokens']}); log-prob sums agree with sapo.py's to {res['packed_max_abs_logps_diff']:.1e}"]
+    if "packed_rows" in res:    # a run from before sapo.py packed (bench/perf_levers*.json of earlier versions)
+        out += ["", f"packed: the {b['rows'] // 2} shared-prefix rows as {res['packed_rows']} rows of "
+                f"{res['packed_padded_tokens'] // res['packed_rows']} positions ({res['packed_padded_tokens']} padded, vs "
+                f"{b['distinct_padded_tokens']}); log-prob sums agree with sapo.py's to {res['packed_max_abs_logps_diff']:.1e}"]
+    elif "unpacked_max_abs_logps_diff" in res:
+        out += ["", f"not packed: one row per tuple, {b['rows'] // 2} rows ({b['unpacked_padded_tokens']} padded positions, vs "
+                f"{b['distinct_padded_tokens']} packed); log-prob sums agree with sapo.py's to "
+                f"{res['unpacked_max_abs_logps_diff']:.1e}"]
     gen = res["generation"]
     base = gen["by_rows"].get("8") or gen["by_rows"].get(8)
     out += ["", f"segment generation (sapo.make_negatives, G = {gen['segment_len']}, temperature 0.7, top-p 0.95, top-k 50; "
@@ -1049,8 +1014,8 @@ def report(res) -> str:
            f"({res['model']['n_body'] / 1e6:.1f} M in the blocks); batch: {res['settings']['batch_size']} pairs = {b['rows']} rows, "
            f"{b['real_tokens']} pair tokens ({b['completion_tokens']} scored) = {b['distinct_tokens']} distinct tokens (each prompt and "
            f"shared response prefix once; {b['distinct_scored_tokens']} scored); two-row layout (TRL) padded to {b['rows']}x{b['max_len']} "
-           f"({100 * b['real_fraction']:.0f}% real), shared-prefix layout (ours) to {b['rows'] // 2}x"
-           f"{b['distinct_padded_tokens'] // (b['rows'] // 2)}; medians of {res['settings']['reps']} runs after "
+           f"({100 * b['real_fraction']:.0f}% real), shared-prefix layout (ours) to {b.get('distinct_rows', b['rows'] // 2)}x"
+           f"{b['distinct_padded_tokens'] // b.get('distinct_rows', b['rows'] // 2)}; medians of {res['settings']['reps']} runs after "
            f"{res['settings']['warmup']} warm-up",
            f"model FLOPs of the step: {res['flops']['dpo_step'] / 1e12:.2f} TFLOP = {res['flops']['per_distinct_token'] / 1e9:.2f} "
            f"GFLOP per distinct token (policy fwd+bwd + reference fwd, attention included; 6N_body alone = "

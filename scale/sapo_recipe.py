@@ -124,11 +124,11 @@ def _from_sapo(name: str):
 
 
 (Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss, ema_update, logps_from_logits, lr_lambda,
- orpo_loss, preference_metrics, response_targets, shared_prefix_layout, splice_negative, truncation_point, parse_row,
- read_rows, collate) = map(_from_sapo, (
+ orpo_loss, preference_metrics, response_targets, shared_prefix_layout, SHARED_PREFIX_PROBE, splice_negative,
+ truncation_point, parse_row, read_rows, collate) = map(_from_sapo, (
     "Example", "PromptStream", "ReplayBuffer", "copy_weights", "describe_tuple", "dpo_loss", "ema_update",
     "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_layout",
-    "splice_negative", "truncation_point", "parse_row", "read_rows", "collate"))
+    "SHARED_PREFIX_PROBE", "splice_negative", "truncation_point", "parse_row", "read_rows", "collate"))
 
 log = utils.get_logger("INFO")
 DTYPES = ("fp32", "bf16", "bf16-mixed")
@@ -305,30 +305,30 @@ def two_row_logps(model, batch: list[dict], pad_id: int, device):
 
 
 def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,), one row per tuple in sapo.shared_prefix_layout (x and the shared prefix go
-    through the model once), given to torchtune's decoder as its `mask` (bool, True: may attend) and `input_pos`.
+    """(sum+, sum-, n+, n-), each (B,), one segment per tuple in sapo.shared_prefix_layout's packed rows (x and the
+    shared prefix go through the model once), given to torchtune's decoder as its `mask` (bool, True: may attend)
+    and `input_pos`.
     The output layer runs only at the N scored positions."""
     L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
     with logits_at(model, (L["row_of"], L["h_at"])):
         logits = model(L["ids"], mask=L["allow"], input_pos=L["pos"])                     # (N, V)
     token_logps = -F.cross_entropy(logits.float(), L["targets"], reduction="none")      # (N,)
     zeros = torch.zeros(len(batch), device=token_logps.device)
-    return (zeros.index_add(0, L["row_of"][L["is_pos"]], token_logps[L["is_pos"]]),
-            zeros.index_add(0, L["row_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
+    return (zeros.index_add(0, L["tuple_of"][L["is_pos"]], token_logps[L["is_pos"]]),
+            zeros.index_add(0, L["tuple_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
 
 
 @torch.no_grad()
 def check_shared_prefix(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
     """Does this model honour torchtune's `mask` and `input_pos` (so one row per tuple is exact)? Checked once per
-    model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on a small pair whose
-    y- keeps 3 tokens of its own (they must not see y+'s own tokens). Every process of a sharded model runs it at
+    model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on sapo's
+    SHARED_PREFIX_PROBE (a y- with tokens of its own, two short tuples packed into one row). Every process of a sharded model runs it at
     the same time and they agree (all-reduced). tol: 1e-4 in fp32; the recipe passes 5e-2 where bf16 computes (a
     kernel that ignored the mask moves y-'s log-probs by whole nats). The answer is kept in model.sapo_shared_prefix."""
     ok = False
     if enabled:
         V = model.tok_embeddings.num_embeddings
-        pair = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5, 6, 7], "rejected_ids": [4, 8, 9, 10]}]
-        pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in pair]
+        pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in SHARED_PREFIX_PROBE]
         was_training = model.training
         model.eval()
         try:

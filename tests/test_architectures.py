@@ -47,14 +47,16 @@ def load(path):
 
 
 def hand_tuples(V, eos, seed=0):
-    """(x, y+, y-) tuples: a SAPO splice with suffix, an EOS-ended negative, y- = y+, and no shared response token."""
+    """(x, y+, y-) tuples: a SAPO splice with suffix, an EOS-ended negative, y- = y+, no shared response token, and a
+    short one that shares a packed row with the y- = y+ tuple."""
     rng = random.Random(seed)
     r = lambda n: [rng.randrange(3, V) for _ in range(n)]  # noqa: E731
     y = r(8) + [eos]
     return [{"prompt_ids": r(5), "chosen_ids": y, "rejected_ids": y[:3] + r(3) + y[6:]},
             {"prompt_ids": r(3), "chosen_ids": y, "rejected_ids": y[:2] + r(2) + [eos]},
             {"prompt_ids": r(4), "chosen_ids": y, "rejected_ids": list(y)},
-            {"prompt_ids": r(2), "chosen_ids": r(4) + [eos], "rejected_ids": r(7) + [eos]}]
+            {"prompt_ids": r(2), "chosen_ids": r(4) + [eos], "rejected_ids": r(7) + [eos]},
+            {"prompt_ids": r(2), "chosen_ids": [3, eos], "rejected_ids": [4, 5]}]
 
 
 def full_logits_logp(model, x, y):
@@ -131,6 +133,7 @@ def test_log_probs_match_full_logits_whichever_path(arch, chat, arch_dirs):
         two_rows, counts = sapo.sequence_logps(model, **sapo.collate(pairs, tok.pad_token_id, "cpu"))
     assert n_pos.tolist() == [len(b["chosen_ids"]) for b in batch] and n_neg.tolist() == [len(b["rejected_ids"]) for b in batch]
     assert counts.tolist() == n_pos.tolist() + n_neg.tolist()
+    assert len(sapo.shared_prefix_layout(batch, tok.pad_token_id)["ids"]) == len(batch) - 1   # one row packs two
     if shared:   # _shared_prefix_ok said yes: the one-row numbers must be the two-row numbers
         with torch.no_grad():
             one_row = sapo.shared_prefix_logps(model, batch, tok.pad_token_id, "cpu")

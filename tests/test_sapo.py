@@ -124,17 +124,21 @@ def _tuples(V, rng):
     return [{"prompt_ids": r(4), "chosen_ids": y, "rejected_ids": y[:3] + r(4) + y[7:]},
             {"prompt_ids": r(2), "chosen_ids": y, "rejected_ids": list(y)},
             {"prompt_ids": r(6), "chosen_ids": y, "rejected_ids": y[:2]},
-            {"prompt_ids": r(3), "chosen_ids": r(5), "rejected_ids": r(11)}]
+            {"prompt_ids": r(3), "chosen_ids": r(5), "rejected_ids": r(11)},
+            {"prompt_ids": r(2), "chosen_ids": [1, 2], "rejected_ids": [2, 1, 1]}]   # packs into the 2nd tuple's row
 
 
 @pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_gpt2_dir"])
 def test_shared_prefix_rows_equal_two_rows(which, request):
-    """One row [x, y+, y-[k:]] with a 4D mask gives the two-row sums, counts and gradients (Llama: RoPE; GPT-2:
-    learned positions)."""
+    """One segment [x, y+, y-[k:]] per tuple with a 4D mask, short segments packed into one row, gives the two-row
+    sums, counts and gradients (Llama: RoPE; GPT-2: learned positions)."""
     model, tok = sapo_io.load_model_and_tokenizer(str(request.getfixturevalue(which)))
     model.eval()
     batch = _tuples(model.config.vocab_size, random.Random(0))
     assert sapo._shared_prefix_ok(model)
+    L = sapo.shared_prefix_layout(batch, tok.pad_token_id)
+    assert len(L["ids"]) == len(batch) - 1 and L["row_of"].unique().numel() == len(batch) - 1
+    assert len(sapo.shared_prefix_layout(batch, tok.pad_token_id, pack=False)["ids"]) == len(batch)
     grads = []
     for shared in (True, False):
         model._sapo_shared_prefix = shared
@@ -144,7 +148,7 @@ def test_shared_prefix_rows_equal_two_rows(which, request):
         grads.append((out, [p.grad.clone() for p in model.parameters()]))
     (a, ga), (b, gb) = grads
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
-    assert a[2].tolist() == b[2].tolist() == [9, 9, 9, 5] and a[3].tolist() == b[3].tolist() == [9, 9, 2, 11]
+    assert a[2].tolist() == b[2].tolist() == [9, 9, 9, 5, 2] and a[3].tolist() == b[3].tolist() == [9, 9, 2, 11, 3]
     assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
     for i, t in enumerate(batch):   # and each sum is the plain full-logits computation
         assert a[0][i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["chosen_ids"]), abs=1e-4)
