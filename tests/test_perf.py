@@ -88,3 +88,28 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
     want = str(sapo_io.generation_dtype("auto", "fp32", torch.device("cpu"))).split(".")[-1]
     assert res["sapo"]["fp32"]["generator_dtype"] == res["generation"]["generator_dtype_now"] == want
     assert res["memory"]["fp32"]["generator_copy"] == (want == "bfloat16")
+
+
+def test_perf_levers_quick_reports_every_lever(tmp_path, tiny_llama_dir):
+    """--levers: the DPO-step A/B (packed as sapo.py runs, two rows, one row per tuple), the generation levers and
+    the decoding bounds, every figure finite; the packed and unpacked layouts give the same log-probs."""
+    out = tmp_path / "levers.json"
+    cmd = [sys.executable, "bench/perf.py", "--levers", "--quick", "--model", str(tiny_llama_dir), "--max-length", "512",
+           "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["levers"]) >= {"sapo.py as is (shared prefix, tuples packed into rows)", "two rows per pair",
+                                  "shared prefix, one row per tuple (not packed)"}
+    assert all(v["step"] > 0 and math.isfinite(v["tokens_per_s"]) for v in res["levers"].values())
+    assert 0 <= res["unpacked_max_abs_logps_diff"] < 1e-3 and 0 <= res["layouts_max_abs_logps_diff"] < 1e-3
+    assert res["batch"]["distinct_padded_tokens"] <= res["batch"]["unpacked_padded_tokens"]
+    gen = res["generation"]
+    for name in ("fp32, transformers' sampler (sapo.py before)", "bf16 copy, TopKTopPSampler (sapo.py now where bf16 "
+                 "is native)", "static KV cache", "bf16 copy, static KV cache"):
+        assert gen["at_8_rows"][name]["tokens_per_s"] > 0, (name, gen["at_8_rows"][name])
+    assert all(gen[k] > 0 for k in ("bare_decoding_step_ms", "matmuls_alone_ms", "bf16_bare_decoding_step_ms"))
+    again = subprocess.run([sys.executable, "bench/perf.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "not packed: one row per tuple" in again.stdout
+    assert again.stdout.split("\n", 1)[1].strip() in r.stdout
