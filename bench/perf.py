@@ -16,7 +16,8 @@ tokenised by sapo.load_examples, real lengths) everywhere. It measures:
 3. utilization: model FLOPs of the step / step time / dense matmul FLOP/s measured here at the model's
    shapes (best of a few torch.matmul calls), for fp32 and bf16; and how far bf16-mixed losses are from fp32;
 4. memory: peak RSS of a SAPO training process (a child process, so TRL and the other copies here do not
-   count) against the floor policy + gradients + AdamW state + EMA + reference, plus one batch of activations.
+   count) against the floor policy + gradients + AdamW state + EMA + reference, plus one batch of activations
+   (the largest of the batches its SAPO steps trained on).
 
 Model FLOPs are the work the step needs, whoever does it: per real token 2*N_body (the transformer
 blocks' weights) plus causal attention 2*L*T*d, and the output layer 2*d*V only at positions whose next token
@@ -454,7 +455,7 @@ def memory_child(args) -> dict:
     cfg = make_config(args, args.memory_child)
     device = torch.device("cpu")
     policy, tok = sapo_io.load_model_and_tokenizer(args.model)
-    batch, examples = load_batch(args, tok)
+    _, examples = load_batch(args, tok)
     pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
     policy.train()
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -464,11 +465,14 @@ def memory_child(args) -> dict:
     setup = rss_gb()
     reset_ok = reset_peak_rss()
     buffer, rng = sapo.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), random.Random(args.seed)
+    sampled, sample = [], buffer.sample          # the batches the steps train on: the activations the bound counts
+    buffer.sample = lambda n, rng: sampled.append(sample(n, rng)) or sampled[-1]
     torch.manual_seed(args.seed)
     for _ in range(3):   # the first step creates AdamW's state; the later ones run with everything allocated
         sapo_step(cfg, policy, ema, ref, opt, buffer, examples, rng, pad_id, stop_ids, device)
     peak = peak_rss_gb()
-    act = activation_bytes(cfg, policy, ref, batch, pad_id, device)   # after the peak is read: it allocates
+    # after the peak is read (it allocates): the largest of the trained batches' activations
+    act = max(activation_bytes(cfg, policy, ref, b, pad_id, device) for b in sampled)
     shape = model_shape(policy)
     state = sum(p.numel() * p.element_size() for p in policy.parameters())   # policy weights
     state += sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
@@ -1104,7 +1108,7 @@ def report(res) -> str:
     copy_note = ", the generator's bf16 copy" if mem["fp32"].get("generator_copy") else ""
     out += ["", f"**4. Memory (a SAPO-DPO training process, fp32: policy, grads, AdamW, EMA, reference{copy_note})**", "",
             "| | fp32 |", "|---|---|"]
-    for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward), GB", "activations_gb"),
+    for label, key in (("model-state floor, GB", "floor_gb"), ("one batch of activations (saved for backward; the largest batch the steps trained on), GB", "activations_gb"),
                        ("python + torch runtime before the model, GB", "runtime_baseline_gb"),
                        ("**peak RSS**, GB", "peak_rss_gb"), ("goal bound 1.3 x floor + activations, GB", "bound_gb"),
                        ("peak / floor", "peak_over_floor")):

@@ -19,7 +19,8 @@ compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = re
                   precision (`fsdp_mixed_precision: False`, torchtune's own shard_model) autocast also caches a bf16
                   copy of every trained weight for the length of the forward: + 2 P (+ 2 P / W on one process).
   activations     activation checkpointing keeps each layer's input: L x D x (residual dtype) per token, over
-                  B x (T + R) tokens (one row per tuple: x, y+ and y-'s own tokens) or B x 2T (two rows), and
+                  B x (T + R) tokens (one row per tuple: x, y+ and y-'s own tokens; packing short tuples into
+                  shared rows only lowers it) or B x 2T (two rows), and
                   recomputes one layer in backward (its activations and their gradients, ~ (8 D + 2 kv + 4 F) x c x 2
                   per token). One row per tuple adds the (B, T', T') attention mask, bool plus its float bias.
   logits          the output layer runs at the 2R scored positions per prompt only: c + 4 (fp32 copy) + 4

@@ -27,8 +27,9 @@ One optimizer step on W processes, each with a micro-batch of B prompts (every p
         segments are all-gathered and spliced (sapo.splice_negative) into B*W replay tuples;
      c. every process pushes the same tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
         the same B*W tuples from it; process r keeps rows r*B .. r*B+B-1;
-     d. loss on those B rows (sapo.dpo_loss / sapo.orpo_loss), each tuple one row [x, y+, y-'s own tokens] with
-        torchtune's mask and input_pos (as sapo.shared_prefix_logps; two rows where the model fails the check),
+     d. loss on those B tuples (sapo.dpo_loss / sapo.orpo_loss), each one segment [x, y+, y-'s own tokens], short
+        segments packed into shared rows, with torchtune's mask and input_pos (as sapo.shared_prefix_logps; two
+        rows where the model fails the check),
         backward; FSDP averages gradients over processes.
   3. clip, optimizer step, LR schedule (sapo.lr_lambda); all processes agree (one all-reduce) whether a SIGTERM /
      SIGINT arrived: if so, checkpoint and exit 143 / 130 after this step.
@@ -320,11 +321,12 @@ def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
 
 @torch.no_grad()
 def check_shared_prefix(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
-    """Does this model honour torchtune's `mask` and `input_pos` (so one row per tuple is exact)? Checked once per
-    model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on sapo's
-    SHARED_PREFIX_PROBE (a y- with tokens of its own, two short tuples packed into one row). Every process of a sharded model runs it at
-    the same time and they agree (all-reduced). tol: 1e-4 in fp32; the recipe passes 5e-2 where bf16 computes (a
-    kernel that ignored the mask moves y-'s log-probs by whole nats). The answer is kept in model.sapo_shared_prefix."""
+    """Does this model honour torchtune's `mask` and `input_pos` (so the packed shared-prefix layout is exact)?
+    Checked once per model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on
+    sapo's SHARED_PREFIX_PROBE (a y- with tokens of its own, two short tuples packed into one row). Every process
+    of a sharded model runs it at the same time and they agree (all-reduced). tol: 1e-4 in fp32; the recipe passes
+    5e-2 where bf16 computes (a kernel that ignored the mask moves y-'s log-probs by whole nats). The answer is kept
+    in model.sapo_shared_prefix."""
     ok = False
     if enabled:
         V = model.tok_embeddings.num_embeddings
@@ -353,7 +355,8 @@ def reshard(model: nn.Module) -> None:
 
 
 def preference_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,): one row per tuple where check_shared_prefix passed for this model, else two."""
+    """(sum+, sum-, n+, n-), each (B,): the packed shared-prefix layout where check_shared_prefix passed for this
+    model, else two rows per tuple."""
     if getattr(model, "sapo_shared_prefix", False):
         return shared_prefix_logps(model, batch, pad_id, device)
     return two_row_logps(model, batch, pad_id, device)
@@ -783,12 +786,13 @@ class SAPORecipe(FTRecipeInterface):
                     p.unlink(missing_ok=True)
             else:               # steps after the checkpoint were not kept: drop their lines
                 self._truncate_metrics(self.step)
-        # one row per tuple (x and the shared prefix once) where the model honours torchtune's mask / input_pos
+        # one packed segment per tuple (x and the shared prefix once) where the model honours the mask / input_pos
         tol = 1e-4 if self.compute_dtype == torch.float32 else 5e-2
         for model in [self.policy] + ([self.ref] if cfg.method == "sapo-dpo" and not self.lora else []):
             with self._autocast():
                 check_shared_prefix(model, self.device, tol, enabled=cfg.get("shared_prefix", True))
-        utils.log_rank_zero(log, f"log-probs: {'one row per tuple (shared prefix)' if self.policy.sapo_shared_prefix else 'two rows per tuple'}")
+        layout = "one packed segment per tuple (shared prefix)" if self.policy.sapo_shared_prefix else "two rows per tuple"
+        utils.log_rank_zero(log, f"log-probs: {layout}")
         self.setup_memory = {"memory/runtime_rss_gib": runtime_gib, "memory/setup_peak_rss_gib": peak_rss_gib()}
         utils.log_rank_zero(log, f"{self.max_steps} steps of {prompts_per_step} prompts on {self.world_size} processes; "
                                  f"reference refresh every {self.ref_every} steps; starting at step {self.step}")

@@ -297,7 +297,7 @@ def dpo_runs(tiny_dir, tmp_path_factory):
     """The tiny SAPO-DPO run on 2 gloo processes (tiny_cpu.yaml, greedy negatives), and sapo.py on the same."""
     tmp = tmp_path_factory.mktemp("dpo")
     log = tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp / "recipe", top_k=1)
-    assert "log-probs: one row per tuple (shared prefix)" in log        # torchtune honours mask / input_pos here
+    assert "log-probs: one packed segment per tuple (shared prefix)" in log        # torchtune honours mask / input_pos here
     sapo_train(tmp / "sapo", tiny_dir, method="sapo-dpo", max_steps=3)
     return tmp / "recipe", tmp / "sapo"
 
