@@ -898,6 +898,7 @@ def generation_levers(args, model, tok, batch) -> dict:
                           ("bf16 copy, TopKTopPSampler (sapo.py now where bf16 is native)", twin, {})):
         log(f"generation: {name}")
         out["at_8_rows"][name] = timed(gen, n, **kw)
+    out["split"] = generation_split(args, twin, examples[:n], pad_id, stop_ids)
     for rows_ in (16, 32):
         if rows_ <= len(examples):
             log(f"generation: bf16 copy, {rows_} rows")
@@ -921,6 +922,36 @@ def generation_levers(args, model, tok, batch) -> dict:
         out.update({tag + k: v for k, v in decoding_bounds(m, ids, 2 * G).items()})
     out["bound_rows"] = len(ids)
     return out
+
+
+def generation_split(args, gen, examples, pad_id, stop_ids) -> dict:
+    """Where one generate call's time goes (sapo.make_negatives as sapo.py runs it, medians over --reps calls): the
+    prefill forward (the contexts' KV cache), the decoding forwards (one position each), and the rest (sampling,
+    generate's plumbing, splicing). Each forward is timed by wrapping gen.forward, in this process only."""
+    calls, original = [], gen.forward
+
+    def forward(*a, **kw):
+        t = time.perf_counter()
+        out = original(*a, **kw)
+        calls.append((time.perf_counter() - t, kw["input_ids"].shape[1] if "input_ids" in kw else a[0].shape[1]))
+        return out
+    gen.forward, runs = forward, []
+    try:
+        for r in range(args.warmup + args.reps):
+            rng = random.Random(r)
+            torch.manual_seed(r)
+            calls.clear()
+            t = time.perf_counter()
+            sapo.make_negatives(gen, examples, args.segment_len, args.max_length, rng, pad_id, stop_ids)
+            total = time.perf_counter() - t
+            prefill = sum(d for d, width in calls if width > 1)
+            decode = [d for d, width in calls if width == 1]
+            if r >= args.warmup:
+                runs.append({"s": total, "prefill_s": prefill, "decode_s": sum(decode), "decode_steps": len(decode),
+                             "rest_s": total - prefill - sum(decode)})
+    finally:
+        del gen.forward
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"rows": len(examples)}
 
 
 @torch.no_grad()
@@ -992,6 +1023,12 @@ def report_levers(res) -> str:
                        f"{v['ms_per_position']:.0f} | {v['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
     slow = {k: v["warmup_s"] for k, v in gen["at_8_rows"].items() if "compiled" in k and "warmup_s" in v}
     out += [f"\n{k}: its warm-up calls (compiling, then recompiling for a new prompt length) took {s:.0f} s" for k, s in slow.items()]
+    if "split" in gen:
+        sp = gen["split"]
+        out += ["", f"one generate call at {sp['rows']} rows, bf16 copy, TopKTopPSampler, split (medians): {sp['s']:.2f} s = "
+                f"prefill {sp['prefill_s']:.2f} s + {sp['decode_steps']:.0f} decoding forwards {sp['decode_s']:.2f} s "
+                f"({1e3 * sp['decode_s'] / max(sp['decode_steps'], 1):.0f} ms each) + the rest (sampling, generate's "
+                f"plumbing, splicing) {sp['rest_s']:.2f} s"]
     for tag, name in (("", "fp32"), ("bf16_", "bf16")):
         if tag + "bare_decoding_step_ms" in gen:
             out += ["", f"bounds at {gen['bound_rows']} rows, {name} weights: one decoding step of the bare model "

@@ -109,6 +109,9 @@ def test_perf_levers_quick_reports_every_lever(tmp_path, tiny_llama_dir):
                  "is native)", "static KV cache", "bf16 copy, static KV cache"):
         assert gen["at_8_rows"][name]["tokens_per_s"] > 0, (name, gen["at_8_rows"][name])
     assert all(gen[k] > 0 for k in ("bare_decoding_step_ms", "matmuls_alone_ms", "bf16_bare_decoding_step_ms"))
+    sp = gen["split"]                 # one prefill and one forward per decoding position, the parts adding up
+    assert sp["prefill_s"] > 0 and sp["decode_steps"] >= 1 and sp["rest_s"] >= 0
+    assert abs(sp["prefill_s"] + sp["decode_s"] + sp["rest_s"] - sp["s"]) < 1e-6
     again = subprocess.run([sys.executable, "bench/perf.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "not packed: one row per tuple" in again.stdout
