@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, MetricsLog, PromptStream, StopSignals, Stopped,
-                     TopKTopPSampler, UserError, append_samples, check_config, generation_copy, generation_dtype,
-                     latest_checkpoint, load_checkpoint, load_model, load_tokenizer, lr_lambda, make_optimizer,
-                     parse_args, parse_rows, pick_device, prepare_output_dir, print_summary, read_rows, rng_state,
-                     save_checkpoint, save_final, stop_token_ids, trim_jsonl, write_summary)
+from sapo_io import (BUNDLED_HELDOUT, BUNDLED_MODEL, BUNDLED_TRAIN, append_samples, beyond_window, check_config,
+                     disable_dropout, generation_copy, generation_dtype, head_only_ok, latest_checkpoint,
+                     load_checkpoint, load_model, load_tokenizer, lr_lambda, make_optimizer, MetricsLog, parse_args,
+                     parse_rows, pick_device, prepare_output_dir, print_summary, PromptStream, read_rows, rng_state,
+                     save_checkpoint, save_final, stop_token_ids, Stopped, StopSignals, TopKTopPSampler, trim_jsonl,
+                     UserError, write_summary)
 
 # transformers imports torchao when it is installed (torchtune needs it for scale/); its CPU-build notice is noise
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -219,43 +220,7 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
 
 
-def disable_dropout(model) -> list:
-    """Dropout off in every model the loop trains or queries, as TRL and the authors do: otherwise the policy's
-    log-probs are noisy and step 1's DPO loss is not log 2 although the policy equals the reference. Covers
-    nn.Dropout modules, the float rates attention code reads at call time (attention_dropout, layerdrop), and the
-    config's rates (Falcon reads them per call). Returns the config's original rates, for save_final to keep."""
-    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]
-    rates = [(c, k, v) for c in configs for k, v in vars(c).items() if "drop" in k and type(v) is float]
-    for c, k, _ in rates:
-        setattr(c, k, 0.0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for attr, value in vars(module).items():
-            if "drop" in attr and isinstance(value, float):   # dropout, attention_dropout, resid_pdrop, layerdrop
-                setattr(module, attr, 0.0)
-    return rates
-
-
 # --- 3. Per-sequence log-probabilities -----------------------------------------------------------------------------
-
-def _head_only_ok(model) -> bool:
-    """Can logits be computed as lm_head(body(x)) on selected positions? True for GPT-2, Llama, Mistral...; not with
-    soft-capping or logit scaling (Gemma2, Cohere, Granite). Checked once per model against the full forward with
-    the output weights scaled by 2^10 (exactly undone), so logits are large enough for a cap to show."""
-    if not hasattr(model, "_sapo_head_only"):
-        ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
-        head, was_training = model.get_output_embeddings(), model.training
-        model.eval()
-        with torch.no_grad():
-            head.weight.mul_(2.0 ** 10)
-            full = model(input_ids=ids).logits.float()
-            mine = head(model.base_model(input_ids=ids).last_hidden_state).float()
-            head.weight.div_(2.0 ** 10)
-        model.train(was_training)
-        model._sapo_head_only = bool(torch.allclose(full, mine, atol=1e-2, rtol=1e-3))
-    return model._sapo_head_only
-
 
 def logps_from_logits(logits, targets, rows, batch_size: int):
     """Per-sequence sums of token log-probs: logits (N, V) at N response positions, their next tokens (N,),
@@ -279,7 +244,7 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask) -> tuple[torch.T
     (N, V), not (B, T, V): at V = 49k-128k the logits dominate memory otherwise. Sum vs mean is the
     caller's choice: DPO sums (so a shared prefix cancels), ORPO averages (sum / count)."""
     target_mask, targets, rows = response_targets(input_ids, loss_mask)   # (B, T-1), (N,), (N,)
-    if _head_only_ok(model):
+    if head_only_ok(model):
         h = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         logits = model.get_output_embeddings()(h[:, :-1][target_mask])                             # (N, V)
     else:
@@ -362,7 +327,7 @@ def _shared_prefix_ok(model) -> bool:
     """Does the model honour a 4D attention mask and position_ids? Checked once per model: shared_prefix_logps
     against the two-row forward on SHARED_PREFIX_PROBE (fails for attention kernels that ignore custom masks)."""
     if not hasattr(model, "_sapo_shared_prefix"):
-        ok = _head_only_ok(model)
+        ok = head_only_ok(model)
         if ok:
             V = model.config.vocab_size
             pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in SHARED_PREFIX_PROBE]
@@ -544,19 +509,12 @@ def autocast(cfg: Config, device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
 
 
-def _beyond_window(cfg, batch: list[dict]) -> bool:
-    """Is a row longer than the model's sliding attention window? A 4D mask would drop the window there."""
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    return bool(window) and max(len(b["prompt_ids"]) + max(len(b["chosen_ids"]), len(b["rejected_ids"]))
-                                for b in batch) > window
-
-
 def preference_logps(model, batch: list[dict], pad_id: int, device, logps_fn=None):
     """(sum+, sum-, n+, n-), each (B,), for a batch of (x, y+, y-) tuples. With a transformers model that
     honours 4D masks (checked once per model), one shared-prefix segment per tuple (shared_prefix_logps);
     otherwise one concatenated forward over [y+ rows; y- rows]. logps_fn(model, **collated) replaces
     sequence_logps in the latter (scale/ passes its torchtune twin)."""
-    if logps_fn is None and _shared_prefix_ok(model) and not _beyond_window(model.config, batch):
+    if logps_fn is None and _shared_prefix_ok(model) and not beyond_window(model.config, batch):
         return shared_prefix_logps(model, batch, pad_id, device)
     pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
     logps, counts = (logps_fn or sequence_logps)(model, **collate(pairs, pad_id, device))

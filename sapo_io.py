@@ -1,6 +1,7 @@
 """Plumbing for sapo.py: what any trainer needs and no learner comes for.
 
-Loading models and tokenizers (hub names, local folders, GGUF files, the bundled model), reading and
+Loading models and tokenizers (hub names, local folders, GGUF files, the bundled model) and what a loaded model
+supports (dropout off, logits from the head alone, sliding windows), reading and
 validating dataset rows, the command line built from a config dataclass, the output folder (lock file,
 metrics log, plot), stop signals, and checkpoints (atomic, verified by a manifest, resumed exactly).
 sapo.py imports from here; this module never imports sapo.py.
@@ -181,6 +182,49 @@ def is_causal(model) -> bool:
     a, b = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
     model.train(was_training)
     return bool(torch.allclose(a.float(), b.float(), atol=1e-5))
+
+
+def disable_dropout(model) -> list:
+    """Dropout off in every model the loop trains or queries, as TRL and the authors do: otherwise the policy's
+    log-probs are noisy and step 1's DPO loss is not log 2 although the policy equals the reference. Covers
+    nn.Dropout modules, the float rates attention code reads at call time (attention_dropout, layerdrop), and the
+    config's rates (Falcon reads them per call). Returns the config's original rates, for save_final to keep."""
+    configs = [model.config] + [v for v in vars(model.config).values() if hasattr(v, "to_dict")]
+    rates = [(c, k, v) for c in configs for k, v in vars(c).items() if "drop" in k and type(v) is float]
+    for c, k, _ in rates:
+        setattr(c, k, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr, value in vars(module).items():
+            if "drop" in attr and isinstance(value, float):   # dropout, attention_dropout, resid_pdrop, layerdrop
+                setattr(module, attr, 0.0)
+    return rates
+
+
+def head_only_ok(model) -> bool:
+    """Can logits be computed as lm_head(body(x)) on selected positions? True for GPT-2, Llama, Mistral...; not with
+    soft-capping or logit scaling (Gemma2, Cohere, Granite). Checked once per model against the full forward with
+    the output weights scaled by 2^10 (exactly undone), so logits are large enough for a cap to show."""
+    if not hasattr(model, "_sapo_head_only"):
+        ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % model.config.vocab_size
+        head, was_training = model.get_output_embeddings(), model.training
+        model.eval()
+        with torch.no_grad():
+            head.weight.mul_(2.0 ** 10)
+            full = model(input_ids=ids).logits.float()
+            mine = head(model.base_model(input_ids=ids).last_hidden_state).float()
+            head.weight.div_(2.0 ** 10)
+        model.train(was_training)
+        model._sapo_head_only = bool(torch.allclose(full, mine, atol=1e-2, rtol=1e-3))
+    return model._sapo_head_only
+
+
+def beyond_window(cfg, batch: list[dict]) -> bool:
+    """Is a sequence (x + y) longer than the model's sliding attention window? A 4D mask would drop the window there."""
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return bool(window) and max(len(b["prompt_ids"]) + max(len(b["chosen_ids"]), len(b["rejected_ids"]))
+                                for b in batch) > window
 
 
 def stop_token_ids(model, tok) -> list[int]:

@@ -117,7 +117,7 @@ def test_step1_dpo_loss_is_log2_in_train_mode(arch, chat, arch_dirs):
 
 
 def paths(model) -> tuple[bool, bool]:
-    return sapo._head_only_ok(model), sapo._shared_prefix_ok(model)
+    return sapo.head_only_ok(model), sapo._shared_prefix_ok(model)
 
 
 @pytest.mark.parametrize("arch,chat", CASES, ids=IDS)
@@ -150,7 +150,7 @@ def test_soft_capped_logits_are_detected(arch_dirs):
     it, and must be switched off for the model, whatever the size of its logits at the moment of the check."""
     model, _ = load(arch_dirs("gemma2", True))
     assert model.config.final_logit_softcapping
-    assert sapo._head_only_ok(model) is False
+    assert sapo.head_only_ok(model) is False
     assert sapo._shared_prefix_ok(model) is False
 
 
@@ -160,7 +160,7 @@ def test_soft_cap_decision_holds_once_logits_grow(arch_dirs):
     sharpens them; real Gemma2 logits reach the cap of 30)."""
     model, tok = load(arch_dirs("gemma2", True))
     model.eval()
-    sapo._head_only_ok(model), sapo._shared_prefix_ok(model)        # the decision, taken on the initial weights
+    sapo.head_only_ok(model), sapo._shared_prefix_ok(model)        # the decision, taken on the initial weights
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(200.0)           # tied with the embeddings: logits now reach ~cap
         ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
