@@ -194,6 +194,11 @@ def check_loose(response: str, constraints: list[dict]) -> list[bool]:
     return [any(check_one(v, c) for v in variants) for c in constraints]
 
 
+def scorable(row: dict) -> bool:
+    """Rows this scorer can judge: those that carry a list of constraints."""
+    return isinstance(row.get("constraints"), list) and bool(row["constraints"])
+
+
 def score(responses: list[str], rows: list[dict]) -> dict:
     """IFEval-style accuracies of ``responses`` against ``rows[i]["constraints"]``.
 

@@ -1,0 +1,129 @@
+"""The command line: config dataclasses become argparse flags (each field's `help` is its --help
+text), the checks that turn a bad value into a one-line error before anything is loaded, and
+the options every run has (where it writes, what it logs, how it is evaluated): RunOptions,
+which sapo.Config extends with the algorithm's own fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+
+from sapo_utils.errors import UserError
+from sapo_utils.report import MetricsLog
+
+
+def option(default, help, **kw):
+    """A config field whose `help` is its --help text (choices=... limits its values)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunOptions:
+    """Where a run reads and writes, how it is evaluated, logged and checkpointed."""
+    # data and model plumbing
+    columns: str = option("", "other row layouts as field=column pairs (prompt=question,"
+                          "chosen=answer); applies to --dataset and --eval-dataset")
+    dataset_split: str = option("train", "split to use when --dataset is a hub dataset")
+    device: str = option("auto", "cpu | cuda | cuda:N | auto")
+    trust_remote_code: bool = option(False, "allow models whose code lives on the hub")
+    # output folder
+    output_dir: str = option("runs/sapo", "metrics.jsonl, samples.jsonl, checkpoints/, final/")
+    overwrite: bool = option(False, "allow writing into a non-empty --output-dir")
+    resume: bool = option(False, "continue from the newest complete checkpoint in --output-dir")
+    # evaluation
+    eval_dataset: str = option("", "held-out prompts (default: the bundled held-out file with "
+                               "the bundled data, else --eval-size prompts held out of --dataset)")
+    eval_size: int = option(16, "number of held-out prompts")
+    eval_steps: int = option(5, "held-out log-prob and reward measures every N steps (0: at the "
+                             "end only)")
+    eval_logps: bool = option(True, "the held-out log-prob and reward measures (they need one "
+                              "generation pass for fixed negatives at the start)")
+    task: str = option("auto", "a scorer in tasks/ for greedy answers to held-out prompts "
+                       "(ifeval_lite, arithmetic); auto: ifeval_lite; none: off")
+    task_eval_steps: int = option(0, "also run the task's scorer every N steps (0: before and "
+                                  "after training only)")
+    eval_max_new_tokens: int = option(96, "longest greedy answer the task's scorer reads")
+    eval_only: bool = option(False, "only score --model on the held-out prompts; print JSON")
+    # logging and checkpoints
+    log_every: int = option(1, "print a metrics line every N steps (all go to metrics.jsonl)")
+    num_samples: int = option(8, "example negatives written to samples.jsonl")
+    save_steps: int = option(20, "write a resumable checkpoint every N steps (0: at the end "
+                             "only; -1: never)")
+    keep_checkpoints: int = option(1, "how many checkpoints to keep")
+    report_to: str = option("none", "also write TensorBoard scalars to "
+                            "<output-dir>/tensorboard", choices=("none", "tensorboard"))
+    on_nonfinite: str = option("skip", "a NaN/inf loss or gradient: skip the optimizer step "
+                               "(counted) or stop", choices=("skip", "stop"))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the epilog printed as written."""
+
+
+def parse_args(config_cls, argv=None, description="", epilog=""):
+    """Config fields as --kebab-case flags, the class's own fields first (then RunOptions');
+    booleans are switches (--resume / --no-resume)."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=_HelpFormatter)
+    own = set(vars(config_cls).get("__annotations__", {}))
+    fields = dataclasses.fields(config_cls)
+    for f in [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]:
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            name = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = {"int": int, "float": float, "str": str}[name]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def load_task(name: str):
+    """--task: the module tasks/<name>.py, which gives score(answers, rows) -> {name: float} and
+    optionally scorable(row) -> bool (which held-out rows it can score; default: all)."""
+    if name == "none":
+        return None
+    name = "ifeval_lite" if name == "auto" else name
+    if not name.isidentifier():
+        raise UserError(f"--task {name}: not a module name in tasks/")
+    try:
+        task = importlib.import_module(f"tasks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"tasks.{name}", "tasks"):
+            raise
+        raise UserError(f"--task {name}: there is no tasks/{name}.py") from None
+    if not callable(getattr(task, "score", None)):
+        raise UserError(f"--task {name}: tasks/{name}.py has no score(answers, rows) function")
+    return task
+
+
+def check_config(cfg) -> None:
+    positive = ("batch_size", "grad_accum", "segment_len", "buffer_capacity", "max_length",
+                "max_prompt_length", "log_every", "spin_iterations", "eval_size",
+                "keep_checkpoints")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1], got {cfg.ema_decay}")
+    if cfg.max_steps < 0 or cfg.lr <= 0 or cfg.temperature <= 0:
+        raise UserError("--max-steps must be >= 0, and --lr and --temperature > 0")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"--max-prompt-length ({cfg.max_prompt_length}) must be below "
+                        f"--max-length ({cfg.max_length})")
+    if cfg.report_to == "tensorboard":
+        MetricsLog.tensorboard_writer()      # fail before loading anything without the package
+    if cfg.ref_update_steps < -1:
+        raise UserError("--ref-update-steps must be >= -1 (-1: once per epoch, 0: never), got "
+                        f"{cfg.ref_update_steps}")
+    if cfg.max_grad_norm < 0:
+        raise UserError(f"--max-grad-norm must be >= 0 (0: no clipping), got {cfg.max_grad_norm}")
+    if cfg.save_steps < -1:
+        raise UserError(f"--save-steps must be >= -1 (-1: never), got {cfg.save_steps}")
+    for name in ("warmup_steps", "eval_steps", "task_eval_steps"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
