@@ -80,6 +80,7 @@ import torch.distributed as dist  # noqa: E402
 from torchtune import config  # noqa: E402
 
 from scale import sapo_recipe as R  # noqa: E402
+from scale.fsdp import init_distributed  # noqa: E402
 
 mark("imports (torch, torchtune, the recipe, sapo)")
 
@@ -97,7 +98,7 @@ def _wrap(obj, name: str, label: str) -> None:
 
 @config.parse
 def main(cfg) -> None:
-    R.init_distributed(cfg)
+    init_distributed(cfg)
     mark("gloo process group")
     if RESUME_OF is not None:
         if dist.get_rank() == 0:

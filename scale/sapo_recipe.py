@@ -1,11 +1,15 @@
-"""SAPO at scale: a torchtune recipe. FSDP2, activation checkpointing, KV-cached segment generation under
-sharding, torchtune's HF checkpointer; full fine-tuning or LoRA; one process to many nodes.
+"""SAPO at scale: a torchtune recipe. FSDP2, activation checkpointing, KV-cached segment generation under sharding,
+torchtune's HF checkpointer; full fine-tuning or LoRA; one process to many nodes.
 
-The algorithm is sapo.py's, imported, not copied: the DPO and ORPO losses, per-sequence log-probs from logits,
-the EMA update, the reference refresh, truncation points, splicing, the replay buffer, the prompt stream,
-the LR schedule, the data readers. What lives here is what torchtune and many processes need: building and
-sharding torchtune models, log-probs and KV-cached sampling on them, the split of each step across processes,
-checkpoints in transformers format, LoRA.
+The algorithm is sapo.py's, called, not copied: the recipe hands sapo.py's functions its torchtune forward and
+decode where a transformers model would go. sapo.sequence_logps / sapo.preference_logps get
+`logits_at=torchtune_logits_at`; sapo.make_negatives gets `generate=` a KV-cached torchtune decode split across
+processes; the packed layout is sapo_fast.shared_prefix_layout and sapo_fast.sums_by_tuple; the losses, EMA update,
+reference refresh rule (sapo.refresh_due), replay buffer and tuples, prompt stream, row formats, LR schedule,
+metrics and samples files are the core's. What lives here is what torchtune and many processes need: building
+torchtune models, their forward and decode, the split of each step across processes, checkpoints in transformers
+format, LoRA adapter sets. Sharding and state-dict loading are in scale/fsdp.py, host memory in
+scale/host_memory.py.
 
 Run it (from the repository root: `tune run` wants the recipe path relative)
     tune run --nproc_per_node 8 scale/sapo_recipe.py --config scale/configs/llama3_8b_sapo_dpo.yaml
@@ -18,21 +22,21 @@ Run it (from the repository root: `tune run` wants the recipe path relative)
 
 One optimizer step on W processes, each with a micro-batch of B prompts (every process runs the same code):
   1. EMA update  theta_ema <- b*theta_ema + (1-b)*theta   (sapo.ema_update, on each process's shards); then, SAPO-DPO,
-     when the optimizer steps done so far are a multiple of ref_update_steps, reference <- EMA (sapo.copy_weights):
-     at the start of the step, right after its EMA update, before its loss (the authors' moving_average)
+     reference <- EMA (sapo.copy_weights) when sapo.refresh_due says so: at the start of every ref_update_steps-th
+     step, right after its EMA update, before its loss (the authors' moving_average)
   2. for each of the gradient_accumulation_steps micro-batches:
-     a. all processes draw the same B*W fresh prompts (sapo.PromptStream) and the same truncation points
-        (sapo.truncation_point, one seeded random.Random replicated on every process);
+     a. all processes draw the same B*W fresh prompts (sapo_utils.data.PromptStream) and, inside sapo.make_negatives,
+        the same truncation points (one seeded random.Random replicated on every process);
      b. process r generates the segments of rows r*B .. r*B+B-1 with the sharded EMA model (torchtune KV cache);
-        segments are all-gathered and spliced (sapo.splice_negative) into B*W replay tuples;
+        segments are all-gathered, and sapo.make_negatives splices them into B*W replay tuples;
      c. every process pushes the same tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
         the same B*W tuples from it; process r keeps rows r*B .. r*B+B-1;
      d. loss on those B tuples (sapo.dpo_loss / sapo.orpo_loss), each one segment [x, y+, y-'s own tokens], short
-        segments packed into shared rows, with torchtune's mask and input_pos (as sapo.shared_prefix_logps; two
-        rows where the model fails the check),
-        backward; FSDP averages gradients over processes.
-  3. clip, optimizer step, LR schedule (sapo.lr_lambda); all processes agree (one all-reduce) whether a SIGTERM /
-     SIGINT arrived: if so, checkpoint and exit 143 / 130 after this step.
+        segments packed into shared rows (sapo_fast.shared_prefix_layout), with torchtune's mask and input_pos;
+        two rows per tuple (sapo.preference_logps) where the model fails the check; backward; FSDP averages
+        gradients over processes.
+  3. clip, optimizer step, LR schedule (sapo_utils.optim.lr_lambda); all processes agree (one all-reduce) whether
+     a SIGTERM / SIGINT arrived: if so, checkpoint and exit 143 / 130 after this step.
 So W processes with batch_size B compute what sapo.py computes with --batch-size B*W (tests/test_scale.py
 checks per-step losses against a sapo.py run).
 
@@ -41,22 +45,25 @@ Where this recipe departs from sapo.py, and why
     processes. The authors kept 2000 per process (16000 over 8 GPUs); the 8-GPU configs set 16000.
   - Segments are sampled by our own loop on torchtune's KV cache (torchtune's `generate` has no top-p and
     runs the output layer over the whole prompt). Its noise is seeded per (seed, step, micro-batch, row), so a
-    negative does not depend on the number of processes, and a resumed run draws the same negatives.
-    Greedy when top_k = 1 (the tests use that to compare with transformers' generate in sapo.py).
+    negative does not depend on the number of processes, and a resumed run draws the same negatives. The
+    distribution is transformers' temperature, top-k, top-p (sampling_probs). Greedy when top_k = 1 (the tests
+    use that to compare with transformers' generate in sapo.py).
   - Prompts are encoded with torchtune's tokenizers (`tokenize_messages`): y+ is the assistant's text plus its
     end-of-turn token (Llama-3 <|eot_id|>, Mistral </s>); torchtune's extra <|end_of_text|> after the last turn
-    is not part of y+. Contents are stripped (torchtune's Llama-3 tokenizer strips them).
+    is not part of y+. Contents are stripped (torchtune's Llama-3 tokenizer strips them). Rows are read and
+    validated by sapo_utils.data (the same formats as sapo.py; `dataset.columns` is sapo.py's --columns).
   - ORPO's NLL is a token mean over the whole global batch: the chosen-token count is all-reduced, so W
     processes give the same loss as one process with W times the batch.
   - dtype bf16-mixed keeps fp32 master weights (and fp32 optimizer state) for what is trained, stores the EMA,
     the reference and LoRA's frozen base in bf16, and computes in bf16: at the authors' lr 5e-7 a pure-bf16
     weight (torchtune's dtype bf16) would not move (bf16 resolves 1 part in 256). Sharded, the policy has FSDP2's
     MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (torchtune 0.6.1's shard_model passes none): layers
-    are gathered in bf16, and no autocast cache keeps a bf16 copy of every gathered weight (fsdp_kwargs).
-  - Dropout is off in every model (policy, EMA, reference), attention dropout included (disable_dropout).
+    are gathered in bf16, and no autocast cache keeps a bf16 copy of every gathered weight (scale/fsdp.py).
+  - Dropout is off in every model (policy, EMA, reference), attention dropout included
+    (disable_torchtune_dropout).
   - Memory: scale/memory.py estimates each process's peak by component for any config and world size.
-  - Bad input (config values, a checkpoint whose shapes differ from the builder's) stops with one line naming
-    the field and exit status 2 (ConfigError).
+  - Bad input (config values, dataset rows, a checkpoint whose shapes differ from the builder's) stops with one
+    line naming the field and exit status 2 (ConfigError, sapo_utils.errors.UserError).
   - LoRA: the EMA averages the adapter weights only; the reference is the base model with adapters disabled
     until the first refresh, then the base model with a frozen copy of the EMA adapters. EMA and reference
     adapters are swapped into the policy module for generation and for reference log-probs, so SAPO adds
@@ -68,14 +75,13 @@ Where this recipe departs from sapo.py, and why
     The policy is written in its trained dtype (fp32 under bf16-mixed: an exact resume needs the master
     weights; transformers loads it into bf16 with dtype=torch.bfloat16), EMA and reference in bf16. At 8B a
     checkpoint is 96 GB (scale/README.md). A resume reads one model at a time and mmaps the checkpoint files:
-    each process copies only its own rows of each tensor into its shards (load_full_model_state_dict,
-    load_full_optimizer_state_dict).
+    each process copies only its own rows of each tensor into its shards (scale/fsdp.py).
+  - Stop signals are sapo.py's (sapo_utils.run.StopSignals): the first SIGTERM / SIGINT finishes the step and
+    checkpoints; a second one stops at once (the last complete checkpoint stays intact).
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import math
 import os
 import random
@@ -83,53 +89,37 @@ import shutil
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
-from types import MethodType, SimpleNamespace
+from types import MethodType
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtune import config, modules, training, utils
 from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules import local_kv_cache
-from torchtune.modules.peft import (LoRALinear, disable_adapter, get_adapter_params, get_adapter_state_dict,
-                                    get_lora_module_names, get_merged_lora_ckpt, set_trainable_params,
-                                    validate_missing_and_unexpected_for_lora)
+from torchtune.modules.peft import (LoRALinear, disable_adapter, get_adapter_state_dict, get_lora_module_names,
+                                    get_merged_lora_ckpt, validate_missing_and_unexpected_for_lora)
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.checkpointing._utils import safe_torch_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import sapo` also when launched from elsewhere
 import sapo  # noqa: E402
+import sapo_fast  # noqa: E402
+from sapo_utils.data import PromptStream, parse_columns, parse_rows, read_rows  # noqa: E402
+from sapo_utils.errors import Stopped, UserError  # noqa: E402
+from sapo_utils.optim import make_scheduler  # noqa: E402
+from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E402
+from sapo_utils.run import StopSignals  # noqa: E402
 
-try:   # plumbing (rows, checkpoints, LR schedule, prompt stream, ...) is moving from sapo.py to sapo_io.py
-    import sapo_io  # noqa: E402
-except ImportError:
-    sapo_io = None
-
-
-def _from_sapo(name: str):
-    """A name from sapo.py, else from its plumbing module sapo_io.py (wherever it lives today)."""
-    for module in (sapo, sapo_io):
-        if module is not None and hasattr(module, name):
-            return getattr(module, name)
-    raise ImportError(f"{name} is in neither sapo.py nor sapo_io.py")
-
-
-(Example, PromptStream, ReplayBuffer, copy_weights, describe_tuple, dpo_loss, ema_update, logps_from_logits, lr_lambda,
- orpo_loss, preference_metrics, response_targets, shared_prefix_layout, SHARED_PREFIX_PROBE, splice_negative,
- truncation_point, parse_row, read_rows, collate) = map(_from_sapo, (
-    "Example", "PromptStream", "ReplayBuffer", "copy_weights", "describe_tuple", "dpo_loss", "ema_update",
-    "logps_from_logits", "lr_lambda", "orpo_loss", "preference_metrics", "response_targets", "shared_prefix_layout",
-    "SHARED_PREFIX_PROBE", "splice_negative", "truncation_point", "parse_row", "read_rows", "collate"))
+from scale.fsdp import (all_processes, full_tensor, gathered, init_distributed, is_lora,  # noqa: E402
+                        load_full_model_state_dict, load_full_optimizer_state_dict, prepare_model, reshard)
+from scale.host_memory import peak_rss_gib, proc_status_gib, release_host_memory, reset_peak_rss  # noqa: E402
 
 log = utils.get_logger("INFO")
 DTYPES = ("fp32", "bf16", "bf16-mixed")
@@ -145,8 +135,9 @@ class ConfigError(ValueError):
     naming the field, and exits with status 2, without a traceback."""
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first bad key. Values are resolved (${...} interpolations included)."""
+def check_recipe_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first bad key of the recipe's YAML (sapo.py's own flags are checked by
+    sapo_utils.cli.check_config). Values are resolved (${...} interpolations included)."""
     need = ("output_dir", "method", "model", "tokenizer", "checkpointer", "dataset", "optimizer", "seed", "beta",
             "orpo_lambda", "ema_decay", "segment_len", "buffer_capacity", "buffer_sampling", "ref_update_steps",
             "temperature", "top_p", "top_k", "batch_size", "gradient_accumulation_steps", "max_length",
@@ -178,6 +169,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("config: set max_steps or epochs")
     if "source" not in cfg.dataset:
         raise ConfigError("config: dataset.source is missing (a .jsonl file or a hub dataset name)")
+    try:
+        parse_columns(cfg.dataset.get("columns") or "")
+    except UserError as e:   # its message names --columns, sapo.py's flag: this is the key
+        raise ConfigError(f"config: dataset.columns: {str(e).removeprefix('--columns: ')}") from None
     if cfg.checkpointer.get("_component_") != "torchtune.training.FullModelHFCheckpointer":
         raise ConfigError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
     if cfg.get("max_length") > _model_max_seq_len(cfg.model):
@@ -202,15 +197,11 @@ def _model_max_seq_len(cfg_model: DictConfig) -> int:
         return config.instantiate(cfg_model).max_seq_len
 
 
-def is_lora(cfg_model: DictConfig) -> bool:
-    return "lora_rank" in cfg_model
-
-
 # ---------------------------------------------------------------------------------------------------
-# 2. Data: sapo.py's readers, torchtune's tokenizers
+# 2. Data: sapo.py's row formats (sapo_utils.data), torchtune's tokenizers
 # ---------------------------------------------------------------------------------------------------
 
-def encode_example(tokenizer, prompt: list[dict], chosen: str) -> Example:
+def encode_example(tokenizer, prompt: list[dict], chosen: str, row: dict | None = None) -> sapo.Example:
     """(x, y+) as token ids with a torchtune tokenizer. x ends where the assistant's text starts (its header
     included, for Llama-3); y+ is that text plus the turn's end token. tokenize_messages marks the assistant
     turn with mask False; Llama-3 also puts the assistant header in that turn, which belongs to x."""
@@ -220,28 +211,30 @@ def encode_example(tokenizer, prompt: list[dict], chosen: str) -> Example:
     end = len(mask) - mask[::-1].index(False)      # one past the turn's last token; drops a trailing <|end_of_text|>
     if hasattr(tokenizer, "tokenize_message"):     # Llama-3: skip the assistant header
         start += len(tokenizer.tokenize_message(Message(role="assistant", content=""), add_end_tokens=False))
-    return Example(tokens[:start], tokens[start:end])
+    return sapo.Example(tokens[:start], tokens[start:end], row=row)
 
 
-def load_examples(source: str, split: str, tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[Example], int]:
-    """sapo.load_examples with a torchtune tokenizer: rows read and validated by sapo.read_rows / parse_row;
-    examples whose prompt or prompt + response is too long are skipped (y+ is never truncated). Returns
-    (examples, number skipped)."""
+def load_torchtune_examples(source: str, split: str, tokenizer, max_length: int, max_prompt_length: int,
+                            columns: str = "") -> tuple[list[sapo.Example], int]:
+    """sapo.load_examples with a torchtune tokenizer: rows read, mapped (columns: sapo.py's --columns) and
+    validated by sapo_utils.data.read_rows / parse_rows, so every row format behaves as in sapo.py; examples whose
+    prompt or prompt + response is too long are skipped (y+ is never truncated). Returns (examples, number
+    skipped)."""
     examples, skipped = [], 0
-    for where, row in read_rows(source, split):
-        prompt, chosen, _ = parse_row(row, where)
-        e = encode_example(tokenizer, prompt, chosen)
+    for _, row, (prompt, chosen, _) in parse_rows(read_rows(source, split), columns):
+        e = encode_example(tokenizer, prompt, chosen, row if isinstance(row, dict) else None)
         if len(e.prompt_ids) > max_prompt_length or len(e.prompt_ids) + len(e.chosen_ids) > max_length:
             skipped += 1
         else:
             examples.append(e)
     if not examples:
-        raise ConfigError(f"dataset.source: {source}: no example fits max_prompt_length={max_prompt_length} / max_length={max_length}")
+        raise ConfigError(f"dataset.source: {source}: no example fits max_prompt_length={max_prompt_length} / "
+                          f"max_length={max_length}")
     return examples, skipped
 
 
 class _Decoder:
-    """sapo.describe_tuple calls tok.decode(ids, skip_special_tokens=...); torchtune's tokenizers differ in
+    """sapo_utils.report.describe_tuple calls tok.decode(ids, skip_special_tokens=...); torchtune's tokenizers differ in
     keywords (Llama-3 truncates at EOS by default, SentencePiece has no skip_special_tokens)."""
 
     def __init__(self, tokenizer):
@@ -254,14 +247,15 @@ class _Decoder:
             return self.tokenizer.decode(ids)
 
 
+
 # ---------------------------------------------------------------------------------------------------
-# 3. Log-probs on torchtune models: the output layer only where a log-prob is needed
+# 3. Log-probs on torchtune models: sapo.py's functions, with a torchtune forward as their logits_at
 # ---------------------------------------------------------------------------------------------------
 
 def _unembed_at_positions(self, h):
     """Replaces TransformerDecoder.unembed on our models: with `self.sapo_positions` (B, T) set, the output
     layer runs on those N positions only and returns (N, V) logits. At V = 128k, (B, T, V) logits would
-    dominate memory (sapo.sequence_logps does the same for transformers models)."""
+    dominate memory (sapo_fast.head_logits does the same for transformers models)."""
     h = self.norm(h)
     if self.sapo_positions is not None:
         h = h[self.sapo_positions]        # (B, T, D) -> (N, D): a (B, T) bool mask or (rows, positions) index tensors
@@ -274,7 +268,7 @@ def enable_position_selection(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def logits_at(model, positions):
+def selected_positions(model, positions):
     """Within this block, model(tokens) returns logits at `positions` only, (N, V): a (B, T) bool mask, or a pair
     of (N,) index tensors (rows, positions), which may repeat a position."""
     model.sapo_positions = positions
@@ -284,86 +278,80 @@ def logits_at(model, positions):
         model.sapo_positions = None
 
 
-def sequence_logps(model, input_ids, loss_mask):
-    """Sum of log pi(y_t | x, y_<t) over response tokens, and their count, per sequence: (B,), (B,).
-    The torchtune twin of sapo.sequence_logps; the sum itself is sapo.logps_from_logits. Right padding
-    needs no attention mask: under the causal mask no real token sees a pad."""
-    target_mask, targets, rows = response_targets(input_ids, loss_mask)  # (B, T-1), (N,), (N,)
-    with logits_at(model, F.pad(target_mask, (0, 1), value=False)):     # (B, T)
-        logits = model(input_ids)                                       # (N, V)
-    return logps_from_logits(logits, targets, rows, input_ids.shape[0]), target_mask.sum(-1)
+def torchtune_logits_at(model, input_ids, attention_mask, at):
+    """sapo.full_logits for a torchtune decoder, the `logits_at` of sapo.sequence_logps / sapo.preference_logps:
+    logits (N, V) at the N positions `at` (B, T) marks, the output layer run at those positions only. Right
+    padding needs no attention mask: under the causal mask no real token sees a pad."""
+    with selected_positions(model, at):
+        return model(input_ids)
 
 
-def two_row_logps(model, batch: list[dict], pad_id: int, device):
-    """sapo.preference_logps's two-row path (one concatenated forward over [y+ rows; y- rows], sapo.collate) with
-    the torchtune log-probs: (sum+, sum-, n+, n-), each (B,). (Not through sapo.preference_logps itself: it reads
-    the transformers model.config, which a torchtune decoder has not.)"""
-    pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
-    c = collate(pairs, pad_id, device)
-    logps, counts = sequence_logps(model, c["input_ids"], c["loss_mask"])
-    B = len(batch)
-    return logps[:B], logps[B:], counts[:B], counts[B:]
+def two_row_torchtune_logps(model, batch: list[dict], pad_id: int, device):
+    """sapo.preference_logps on a torchtune decoder: two rows per tuple, (sum+, sum-, n+, n-), each (B,)."""
+    return sapo.preference_logps(model, batch, pad_id, device, logits_at=torchtune_logits_at)
 
 
-def shared_prefix_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,), one segment per tuple in sapo.shared_prefix_layout's packed rows (x and the
-    shared prefix go through the model once), given to torchtune's decoder as its `mask` (bool, True: may attend)
-    and `input_pos`.
-    The output layer runs only at the N scored positions."""
-    L = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
-    with logits_at(model, (L["row_of"], L["h_at"])):
-        logits = model(L["ids"], mask=L["allow"], input_pos=L["pos"])                     # (N, V)
-    token_logps = -F.cross_entropy(logits.float(), L["targets"], reduction="none")      # (N,)
-    zeros = torch.zeros(len(batch), device=token_logps.device)
-    return (zeros.index_add(0, L["tuple_of"][L["is_pos"]], token_logps[L["is_pos"]]),
-            zeros.index_add(0, L["tuple_of"][L["is_neg"]], token_logps[L["is_neg"]]), L["n_pos"], L["n_neg"])
+def _packed_forward(model, layout: dict, batch_size: int):
+    """(sum+, sum-, n+, n-) from a sapo_fast.shared_prefix_layout already on the device: one forward with the
+    layout's mask (bool, True: may attend) and positions as torchtune's `mask` and `input_pos`, the output layer at
+    the N scored positions only."""
+    with selected_positions(model, (layout["row_of"], layout["h_at"])):
+        logits = model(layout["ids"], mask=layout["allow"], input_pos=layout["pos"])         # (N, V)
+    token_logps = -F.cross_entropy(logits.float(), layout["targets"], reduction="none")   # (N,)
+    sum_pos, sum_neg = sapo_fast.sums_by_tuple(token_logps, layout, batch_size)
+    return sum_pos, sum_neg, layout["n_pos"], layout["n_neg"]
+
+
+def packed_torchtune_logps(model, batch: list[dict], pad_id: int, device):
+    """= sapo.preference_logps, as sapo_fast.packed_logps, on a torchtune decoder: one segment per tuple in
+    sapo_fast.shared_prefix_layout's packed rows (x and the shared prefix go through the model once)."""
+    layout = {k: v.to(device) for k, v in sapo_fast.shared_prefix_layout(batch, pad_id).items()}
+    return _packed_forward(model, layout, len(batch))
 
 
 @torch.no_grad()
-def check_shared_prefix(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
-    """Does this model honour torchtune's `mask` and `input_pos` (so the packed shared-prefix layout is exact)?
-    Checked once per model, as sapo._shared_prefix_ok does: the shared-prefix path against the two-row path on
-    sapo's SHARED_PREFIX_PROBE (a y- with tokens of its own, two short tuples packed into one row). Every process
-    of a sharded model runs it at the same time and they agree (all-reduced). tol: 1e-4 in fp32; the recipe passes
-    5e-2 where bf16 computes (a kernel that ignored the mask moves y-'s log-probs by whole nats). The answer is kept
-    in model.sapo_shared_prefix."""
+def torchtune_packing_ok(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
+    """sapo_fast.packing_ok for a torchtune decoder (which has no transformers config or base_model): may
+    packed_torchtune_logps stand in for two_row_torchtune_logps on this model? On sapo_fast.probe_batch (a y- with
+    tokens of its own, two short tuples packed into one row) the two agree to tol, and moving y-'s own positions
+    by +3 changes the packed numbers (a model that ignored input_pos would pass at random initialisation).
+    Every process of a sharded model runs it at the same time and they agree (all-reduced). tol: 1e-4 in fp32;
+    the recipe passes 5e-2 where bf16 computes (a kernel that ignored the mask moves y-'s log-probs by whole
+    nats). The answer is kept in model.sapo_shared_prefix."""
     ok = False
     if enabled:
-        V = model.tok_embeddings.num_embeddings
-        pair = [{k: [i % V for i in ids] for k, ids in p.items()} for p in SHARED_PREFIX_PROBE]
+        batch = sapo_fast.probe_batch(model.tok_embeddings.num_embeddings)
         was_training = model.training
         model.eval()
         try:
-            mine = shared_prefix_logps(model, pair, 0, device)[:2]
-            plain = two_row_logps(model, pair, 0, device)[:2]
-            ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(mine, plain))
+            layout = {k: v.to(device) for k, v in sapo_fast.shared_prefix_layout(batch, 0).items()}
+            packed = _packed_forward(model, layout, len(batch))[:2]
+            plain = two_row_torchtune_logps(model, batch, 0, device)[:2]
+            # row 0 holds the first probe tuple: x (3) + y+ (4) from position 0, then y-'s 3 own tokens from 7
+            layout["pos"] = layout["pos"].clone()
+            layout["pos"][0, 7:10] += 3
+            moved = _packed_forward(model, layout, len(batch))[:2]
+            agree = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(packed, plain))
+            ok = agree and not torch.equal(packed[1], moved[1])
         except (TypeError, ValueError, RuntimeError) as e:   # the model rejects the arguments
             log.info(f"shared-prefix layout unavailable ({type(e).__name__}: {e}); two rows per tuple")
         model.train(was_training)
         reshard(model)   # a forward without backward leaves a fsdp_reshard_after_forward=False model gathered
-        ok = _all(ok, device)
+        ok = all_processes(ok, device)
     model.sapo_shared_prefix = ok
     return ok
 
 
-def reshard(model: nn.Module) -> None:
-    """Back to shards (a no-op where they already are): with fsdp_reshard_after_forward False a forward leaves
-    the gathered weights as the module's parameters until a backward reshards them."""
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def preference_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,): the packed shared-prefix layout where check_shared_prefix passed for this
-    model, else two rows per tuple."""
+def torchtune_preference_logps(model, batch: list[dict], pad_id: int, device):
+    """(sum+, sum-, n+, n-), each (B,): packed where torchtune_packing_ok passed for this model, else two rows per
+    tuple (sapo_fast.preference_logps's choice, for torchtune decoders)."""
     if getattr(model, "sapo_shared_prefix", False):
-        return shared_prefix_logps(model, batch, pad_id, device)
-    return two_row_logps(model, batch, pad_id, device)
+        return packed_torchtune_logps(model, batch, pad_id, device)
+    return two_row_torchtune_logps(model, batch, pad_id, device)
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. Segment generation on torchtune's KV cache, sharded or not
+# 4. Segment generation on torchtune's KV cache, sharded or not: the `generate` of sapo.make_negatives
 # ---------------------------------------------------------------------------------------------------
 
 def row_seed(seed: int, step: int, micro: int, row: int) -> int:
@@ -372,8 +360,12 @@ def row_seed(seed: int, step: int, micro: int, row: int) -> int:
 
 
 def sampling_probs(logits, temperature: float, top_k: int, top_p: float):
-    """Probabilities to sample from (B, V), zero outside the kept set: temperature, then top-k, then top-p,
-    in transformers' order and with its ties (tests compare the kept sets with its logits warpers)."""
+    """Probabilities to sample from (B, V), zero outside the kept set: what sapo.generate_segments samples from
+    with generate(do_sample=True, temperature, top_k, top_p), i.e. transformers' TemperatureLogitsWarper, then
+    TopKLogitsWarper (ties at the k-th value kept), then TopPLogitsWarper (the top token always kept), then a
+    softmax; sapo_fast.TopKTopPSampler draws from the same distribution over the top-k only.
+    tests/test_scale.py compares the kept sets with transformers' warpers. Here the probabilities are needed
+    whole, for the seeded exponential race (sample_next), which TopKTopPSampler's multinomial draw is not."""
     logits = logits / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -394,41 +386,18 @@ def sample_next(logits, noise, temperature: float, top_k: int, top_p: float):
     return (sampling_probs(logits, temperature, top_k, top_p) / noise).argmax(-1)
 
 
-def _all(flag: bool, device) -> bool:
-    """True when flag is True on every process (the processes of a sharded model must run the same forwards)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-    return flag
-
-
-@contextlib.contextmanager
-def gathered(model: nn.Module, enabled: bool, reshard_after_forward: bool = True):
-    """Decoding G tokens runs G + 1 forwards. On a sharded model each would all-gather every layer (at 8B:
-    16 GB of bf16 per token step); inside this block the weights are gathered once and kept, then sharded again.
-    Costs one unsharded copy of the model for the length of the block (no training activations are alive)."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(reshard_after_forward, recurse=False)
-
-
 @torch.no_grad()
-def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int], n_steps: int, pad_id: int,
-                      stop_ids, seeds: list[int], temperature=0.7, top_p=0.95, top_k=50, cache_dtype=torch.float32,
-                      device=None):
-    """The torchtune twin of sapo.generate_segments: continue each context by up to max_new_tokens[i] tokens,
-    one batched KV-cached decode over left-padded contexts. n_steps (>= every max_new_tokens) must be the same
-    on every process of a sharded model; decoding stops early only when every row on every process is done.
+def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[int], pad_id: int, stop_ids,
+                       sampling: dict, seeds: list[int], n_steps: int | None = None, cache_dtype=torch.float32,
+                       device=None) -> list[list[int]]:
+    """sapo.generate_segments on a torchtune decoder: continue each context by up to max_new_tokens[i] tokens,
+    one batched KV-cached decode over left-padded contexts. sampling: sapo.segment_sampling(...) or sapo.GREEDY;
+    row i's noise comes from seeds[i]. n_steps (>= every max_new_tokens; default their max) must be the same on
+    every process of a sharded model; decoding stops early only when every row on every process is done.
     device: where the model computes (with CPU offload its parameters live in CPU RAM: pass the GPU)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    n_steps = n_steps or max(max_new_tokens)
+    greedy = not sampling.get("do_sample") or sampling.get("top_k") == 1
     B, L = len(contexts), max(len(c) for c in contexts)
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     real = torch.ones((B, L + n_steps), dtype=torch.bool)
@@ -448,13 +417,18 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
     was_training = model.training
     model.eval()
     with local_kv_cache(model, batch_size=B, device=device, dtype=cache_dtype, decoder_max_seq_len=L + n_steps):
-        with logits_at(model, last):
+        with selected_positions(model, last):
             logits = model(tokens, input_pos=pos[:, :L], mask=mask[:, :L])          # (B, V): prefill
         for k in range(n_steps):
-            noise = torch.stack([torch.empty(logits.shape[-1], device=device).exponential_(1, generator=g) for g in gens])
-            out[:, k] = sample_next(logits.float(), noise, temperature, top_k, top_p)
+            if greedy:
+                out[:, k] = logits.argmax(-1)
+            else:
+                V = logits.shape[-1]
+                noise = torch.stack([torch.empty(V, device=device).exponential_(1, generator=g) for g in gens])
+                out[:, k] = sample_next(logits.float(), noise, sampling["temperature"], sampling["top_k"],
+                                        sampling["top_p"])
             done |= torch.isin(out[:, k], stop) | (k + 1 >= limit)
-            if k + 1 == n_steps or _all(bool(done.all()), device):
+            if k + 1 == n_steps or all_processes(bool(done.all()), device):
                 break
             logits = model(out[:, k, None], input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1]
     model.train(was_training)
@@ -488,174 +462,17 @@ def swapped_in(live: AdapterSet, weights: AdapterSet):
     """Run the policy with other adapter weights (EMA or reference), then put its own back, bit for bit.
     Only outside autograd: used before the policy's forward, never between its forward and backward."""
     stash = live.copy()
-    copy_weights(live, weights)
+    sapo.copy_weights(live, weights)
     try:
         yield
     finally:
-        copy_weights(live, stash)
+        sapo.copy_weights(live, stash)
+
 
 
 # ---------------------------------------------------------------------------------------------------
 # 6. The recipe
 # ---------------------------------------------------------------------------------------------------
-
-class StopSignal:
-    """SIGTERM (a scheduler's pre-emption; torchrun forwards its own to the workers) and SIGINT (Ctrl-C) set a flag
-    instead of killing the process: the current optimizer step finishes, all processes agree on stopping after
-    it (an all-reduce of the flag once per step), process 0 writes the checkpoint atomically, and the recipe exits
-    with 128 + the signal (143 / 130). A second signal changes nothing. torchrun SIGKILLs its workers
-    --shutdown_timeout seconds (default 30) after forwarding a signal: at 8B give it the checkpoint's write time."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Preempted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
-
-
-def _proc_status_gib(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS: now; VmHWM: the peak since start or reset_peak_rss), in GiB."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
-def peak_rss_gib() -> float:
-    return _proc_status_gib("VmHWM")
-
-
-def reset_peak_rss() -> None:
-    """Linux >= 4.0: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-try:                                    # glibc's malloc_trim, where there is one
-    import ctypes
-    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):
-    _MALLOC_TRIM = None
-
-
-def release_host_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps freed blocks for
-    reuse, so without it a process's RSS stays near the high-water mark of its largest phase so far (a checkpoint
-    gathered into host memory, a loaded state dict) through every later phase. Called after loading or saving a
-    checkpoint, and on CPU runs (where activations are host memory) between the phases of a step (scale/README.md:
-    the peaks with and without it)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _full(t):
-    """A plain tensor from a DTensor (sharded) or a tensor (one process)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _local_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's piece of a full tensor, a view (nothing is read or copied yet): for a DTensor `like`, the slice
-    its placements give this process (FSDP2's Shard(0): a block of rows, the last one possibly shorter); for a plain
-    tensor, all of it."""
-    if not isinstance(like, DTensor):
-        return full
-    shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
-    return full[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
-
-
-def load_full_model_state_dict(model: nn.Module, full_sd: dict, consume: bool = False) -> tuple[list[str], list[str]]:
-    """Fill a model whose parameters already have storage (sharded or not) from a full state dict, one tensor at
-    a time: each process copies its own piece of each tensor, cast to the parameter's dtype, straight into the
-    parameter (a DTensor's local shard). Returns (missing, unexpected) keys, as load_state_dict(strict=False).
-
-    Memory: with the checkpoint's tensors mmapped (safetensors, torch.load(mmap=True)) a process reads only the
-    pages of its own rows, and nothing but the parameters is allocated: no collective, no full copy of a tensor
-    (torchtune 0.6.1's load_from_full_model_state_dict casts each full tensor, and distribute_tensor splits it into
-    contiguous copies of every process's chunk on every process, then scatters from process 0, which so reads the
-    whole file). consume: drop each tensor from full_sd once copied (torchtune's HF checkpointer converts some
-    tensors, e.g. Llama's q/k permutation, into memory of their own: freed as the load goes)."""
-    own = model.state_dict(keep_vars=True)      # FSDP2: the sharded parameters themselves (DTensors)
-    unexpected = [k for k in full_sd if k not in own]
-    missing = [k for k in own if k not in full_sd]
-    with torch.no_grad():
-        for key in [k for k in full_sd if k in own]:
-            full = full_sd.pop(key) if consume else full_sd[key]
-            target = own[key]
-            (target.to_local() if isinstance(target, DTensor) else target).copy_(_local_piece(full, target))
-            del full
-    return missing, unexpected
-
-
-def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, full: dict) -> None:
-    """The optimizer state from a full (gathered) state dict, as training.get_full_optimizer_state_dict writes it,
-    one parameter at a time: each process copies its own piece of each state tensor out of the (mmapped)
-    checkpoint into memory of its own, so that nothing refers to the file afterwards (torchtune 0.6.1's
-    load_from_full_optimizer_state_dict first creates a zero state for every parameter beside the loaded one, reads
-    every full tensor on process 0, and keeps the checkpoint's own 'step' tensors: the whole mmapped file stays
-    mapped, its pages in the process's RSS, for the rest of the run)."""
-    saved_groups = full["param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
-                         f"{len(optimizer.param_groups)}")
-    param_of = {}
-    for group, saved in zip(optimizer.param_groups, saved_groups):
-        if len(group["params"]) != len(saved["params"]):
-            raise ValueError(f"the checkpoint's optimizer has {len(saved['params'])} parameters in a group, this one "
-                             f"{len(group['params'])}")
-        param_of.update(zip(saved["params"], group["params"]))
-    state = {}
-    for pid, saved_state in full["state"].items():
-        p, mine = param_of[pid], {}
-        for k, v in saved_state.items():
-            if isinstance(v, torch.Tensor) and isinstance(p, DTensor) and v.dim() and tuple(v.shape) == tuple(p.shape):
-                local = torch.empty(p.to_local().shape, dtype=v.dtype, device=p.to_local().device)
-                local.copy_(_local_piece(v, p))
-                mine[k] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                             stride=p.stride())
-            elif isinstance(v, torch.Tensor):   # 'step'; an unsharded process's state
-                mine[k] = v.to(device=p.device if v.dim() else v.device, copy=True)
-            else:
-                mine[k] = v
-        state[pid] = mine
-    optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
-
-
-def prepare_model(model: nn.Module, cfg: DictConfig, trainable: bool, shard: bool) -> None:
-    """What happens to a freshly built (meta) model before its weights arrive: which parameters train (LoRA:
-    the adapters, in fp32 under bf16-mixed), activation checkpointing (trained model only), and the FSDP2
-    sharding plan (torchtune.training.shard_model: each transformer layer, then custom_sharded_layers, then
-    the root). The 7-8B configs are checked by running this on the meta device (tests/test_scale.py)."""
-    if is_lora(cfg.model):
-        if cfg.dtype == "bf16-mixed":   # trained adapters in fp32 beside a bf16 base (autocast computes in bf16)
-            for m in model.modules():
-                if isinstance(m, LoRALinear):
-                    m.lora_a.float()
-                    m.lora_b.float()
-        set_trainable_params(model, get_adapter_params(model))
-    else:
-        model.requires_grad_(trainable)
-    if trainable and cfg.get("enable_activation_checkpointing", False):
-        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-    if shard:
-        shard_model(model, cfg, trainable)
-
 
 def check_shapes(model: nn.Module, full_sd: dict, cfg: DictConfig) -> None:
     """Every checkpoint tensor must have the shape the builder made (a DTensor's .shape is the global one).
@@ -672,40 +489,10 @@ def check_shapes(model: nn.Module, full_sd: dict, cfg: DictConfig) -> None:
                               f"{tuple(tensor.shape)}{hint}")
 
 
-def fsdp_kwargs(cfg: DictConfig, trainable: bool) -> dict:
-    """fully_shard's arguments for one model.
-    - bf16-mixed, trained model: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32). FSDP2 casts each shard
-      to bf16 before the all-gather, so a gathered layer is bf16 (half the traffic) and its memory is freed at
-      reshard. Without it (torchtune 0.6.1's shard_model passes no policy; `fsdp_mixed_precision: False` here)
-      the all-gathers move fp32 and torch.autocast caches the bf16 cast of every gathered weight until its block
-      exits: a second, bf16 copy of the whole model per process (about 16 GB at 8B; scale/README.md).
-      Gradients are reduce-scattered in fp32 into the fp32 master shards.
-    - fsdp_reshard_after_forward applies to the trained model only: the EMA and the reference never run a
-      backward, so left unsharded after a forward they would stay unsharded plain tensors, and ema_update /
-      copy_weights would mix them with the policy's DTensor shards. They always reshard.
-    - fsdp_cpu_offload: sharded state in CPU RAM (torchtune's CPUOffloadPolicy)."""
-    kw = {"reshard_after_forward": bool(cfg.get("fsdp_reshard_after_forward", True)) if trainable else True}
-    if cfg.get("fsdp_cpu_offload", False):
-        kw["offload_policy"] = CPUOffloadPolicy()
-    if trainable and cfg.dtype == "bf16-mixed" and cfg.get("fsdp_mixed_precision", True):
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return kw
-
-
-def shard_model(model: nn.Module, cfg: DictConfig, trainable: bool) -> None:
-    """torchtune.training.shard_model with fsdp_kwargs: each transformer layer, then custom_sharded_layers, then the
-    root, bottom-up."""
-    kw = fsdp_kwargs(cfg, trainable)
-    match = partial(training.get_shard_conditions, names_to_match=cfg.get("custom_sharded_layers"))
-    for name, m in reversed(list(model.named_modules())):
-        if match(name, m):
-            fully_shard(m, **kw)
-    fully_shard(model, **kw)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """No dropout anywhere, as TRL's disable_dropout and the authors' trainer: with dropout the policy and the
-    reference would disagree at step 1 (DPO's loss would not start at log 2) and log-probs would be noisy.
+def disable_torchtune_dropout(model: nn.Module) -> None:
+    """sapo_utils.models.disable_dropout for torchtune modules (which have no transformers config): no dropout
+    anywhere, as TRL's disable_dropout and the authors' trainer: with dropout the policy and the reference would
+    disagree at step 1 (DPO's loss would not start at log 2) and log-probs would be noisy.
     torchtune.training.disable_dropout zeroes nn.Dropout modules (LoRA's lora_dropout among them, as TRL does for
     PEFT); attention dropout is a float on each MultiHeadAttention (a builder's attn_dropout), zeroed here."""
     training.disable_dropout(model)
@@ -718,7 +505,7 @@ class SAPORecipe(FTRecipeInterface):
     """SAPO-DPO / SAPO-ORPO with torchtune models on 1..N processes (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_config(cfg)
+        check_recipe_config(cfg)
         self.cfg = cfg
         self.device = utils.get_device(device=cfg.device)
         self.world_size, self.rank = utils.get_world_size_and_rank()
@@ -735,9 +522,13 @@ class SAPORecipe(FTRecipeInterface):
         self.global_batch = self.B * self.world_size
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         self.seed = int(cfg.seed)
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        torch.manual_seed(self.seed)
+        sapo.seed_everything(self.seed)
+        # the settings sapo.py's functions read, as its Config: the method's recipe (EMA generator, segments, buffer,
+        # reference refreshed from the EMA for SAPO-DPO) and the global batch the reference period counts in
+        self.sapo_cfg = sapo.Config(method=cfg.method, ref_update_steps=int(cfg.ref_update_steps),
+                                    batch_size=self.global_batch, grad_accum=self.grad_accum)
+        self.method = sapo.method_recipe(self.sapo_cfg)
+        self.sampling = sapo.segment_sampling(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))
         self.rng = random.Random(self.seed)               # truncation points and buffer sampling, same on every process
         self.step = 0
         self.skipped = 0                                  # optimizer steps skipped for a NaN/inf
@@ -752,45 +543,46 @@ class SAPORecipe(FTRecipeInterface):
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.pad_id = self.tokenizer.pad_id
         self.stop_ids = list(self.tokenizer.stop_tokens)   # Llama-3: end_of_text, eot, eom; Mistral: </s>
-        self.examples, skipped = load_examples(cfg.dataset.source, cfg.dataset.get("split", "train"), self.tokenizer,
-                                               cfg.max_length, cfg.max_prompt_length)
+        self.examples, skipped = load_torchtune_examples(cfg.dataset.source, cfg.dataset.get("split", "train"),
+                                                         self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                                         cfg.dataset.get("columns") or "")
         utils.log_rank_zero(log, f"{len(self.examples)} examples, {skipped} skipped as too long")
         prompts_per_step = self.global_batch * self.grad_accum
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps") else math.ceil(cfg.epochs * len(self.examples) / prompts_per_step)
-        self.ref_every = math.ceil(len(self.examples) / prompts_per_step) if cfg.ref_update_steps == -1 else int(cfg.ref_update_steps)
+        self.ref_every = sapo.reference_period(self.sapo_cfg, len(self.examples))
 
         state = self._find_checkpoint() if cfg.get("resume_from_checkpoint", False) else None
         if state is None and list((self.out / "recipe_state").glob("step_*.pt")):
             raise ConfigError(f"output_dir: {self.out} holds checkpoints of an earlier run: pass resume_from_checkpoint=True "
                               "to continue it, or choose another output_dir")
-        runtime_gib = _proc_status_gib("VmRSS")   # the process before any model: python, torch, tokenizer, data
+        runtime_gib = proc_status_gib("VmRSS")   # the process before any model: python, torch, tokenizer, data
         self._setup_models(cfg, state)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
-        warmup = cfg.get("num_warmup_steps")          # sapo.lr_lambda floors warmup_ratio * max_steps; +0.5 lands on it
-        ratio = (warmup + 0.5) / self.max_steps if warmup is not None else cfg.get("warmup_ratio", 0.0)
-        schedule = SimpleNamespace(warmup_ratio=ratio, max_steps=self.max_steps, schedule=cfg.lr_schedule)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(schedule))
-        self.buffer = ReplayBuffer(int(cfg.buffer_capacity), cfg.buffer_sampling)
+        warmup = cfg.get("num_warmup_steps")          # as sapo.py: --warmup-steps, else --warmup-ratio of the steps
+        if warmup is None:
+            warmup = int(cfg.get("warmup_ratio", 0.0) * self.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_schedule, int(warmup), self.max_steps)
+        self.buffer = sapo.ReplayBuffer(int(cfg.buffer_capacity), cfg.buffer_sampling)
         self.stream = PromptStream(len(self.examples), self.seed)
         resumed = state is not None
         if resumed:
             self._load_recipe_state(state)
         del state   # (mmapped: unmapped here, the optimizer holds copies of its own pieces)
         release_host_memory()
-        self.metrics_path, self.samples_path = self.out / "metrics.jsonl", self.out / "samples.jsonl"
+        # metrics.jsonl and samples.jsonl as sapo.py writes them: lines after the step resumed from are dropped (all
+        # of them in a fresh run)
+        self.samples_path = self.out / "samples.jsonl"
+        self.metrics_log, self.n_samples = None, 0
         if self.is_rank_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not resumed:     # a fresh run starts fresh logs
-                for p in (self.metrics_path, self.samples_path):
-                    p.unlink(missing_ok=True)
-            else:               # steps after the checkpoint were not kept: drop their lines
-                self._truncate_metrics(self.step)
+            self.metrics_log = MetricsLog(self.out, self.step)
+            self.n_samples = trim_jsonl(self.samples_path, self.step)
         # one packed segment per tuple (x and the shared prefix once) where the model honours the mask / input_pos
         tol = 1e-4 if self.compute_dtype == torch.float32 else 5e-2
         for model in [self.policy] + ([self.ref] if cfg.method == "sapo-dpo" and not self.lora else []):
             with self._autocast():
-                check_shared_prefix(model, self.device, tol, enabled=cfg.get("shared_prefix", True))
+                torchtune_packing_ok(model, self.device, tol, enabled=cfg.get("shared_prefix", True))
         layout = "one packed segment per tuple (shared prefix)" if self.policy.sapo_shared_prefix else "two rows per tuple"
         utils.log_rank_zero(log, f"log-probs: {layout}")
         self.setup_memory = {"memory/runtime_rss_gib": runtime_gib, "memory/setup_peak_rss_gib": peak_rss_gib()}
@@ -832,7 +624,7 @@ class SAPORecipe(FTRecipeInterface):
                                f"unexpected keys {unexpected} (checkpointer.checkpoint_dir: "
                                f"{self.cfg.checkpointer.checkpoint_dir})")
         training.validate_no_params_on_meta_device(model)
-        disable_dropout(model)
+        disable_torchtune_dropout(model)
         enable_position_selection(model)
         model.train(trainable)
         return model
@@ -918,14 +710,10 @@ class SAPORecipe(FTRecipeInterface):
         load_full_optimizer_state_dict(self.optimizer, state["optimizer"])   # nothing refers to the mmapped file after
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.buffer.load_state_dict(state["buffer"])
-        self.stream = PromptStream(len(self.examples), self.seed, *state["stream"])
+        self.stream = PromptStream(len(self.examples), self.seed)
+        self.stream.load_state_dict(state["stream"])
         version, internal, gauss = state["python_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     # -- the pieces of a step -----------------------------------------------------------------------------
 
@@ -935,14 +723,14 @@ class SAPORecipe(FTRecipeInterface):
     def _ema_update(self) -> None:
         """theta_ema <- b*theta_ema + (1-b)*theta (LoRA: adapter weights only), shard by shard."""
         reshard(self.policy)
-        ema_update(self.ema, self.live if self.lora else self.policy, self.cfg.ema_decay)
+        sapo.ema_update(self.ema, self.live if self.lora else self.policy, self.cfg.ema_decay)
 
     def _refresh_reference(self) -> None:
         """pi_ref <- EMA (LoRA: a frozen copy of the EMA adapters on the shared base)."""
         if self.lora:
             self.ref = self.ema.copy()
         else:
-            copy_weights(self.ref, self.ema)
+            sapo.copy_weights(self.ref, self.ema)
 
     @contextlib.contextmanager
     def _generator(self):
@@ -956,39 +744,41 @@ class SAPORecipe(FTRecipeInterface):
     @torch.no_grad()
     def _reference_logps(self, batch):
         if not self.lora:
-            return preference_logps(self.ref, batch, self.pad_id, self.device)[:2]
+            return torchtune_preference_logps(self.ref, batch, self.pad_id, self.device)[:2]
         ctx = disable_adapter(self.policy) if self.ref is None else swapped_in(self.live, self.ref)
         with ctx:
-            return preference_logps(self.policy, batch, self.pad_id, self.device)[:2]
+            return torchtune_preference_logps(self.policy, batch, self.pad_id, self.device)[:2]
 
-    def _make_negatives(self, fresh: list[Example], micro: int) -> list[dict]:
-        """sapo.make_negatives across processes: the plan (t, G) for all B*W rows is drawn on every process from
-        the same rng; each process writes the segments of its own B rows; all processes get all segments."""
-        cfg, B, r = self.cfg, self.B, self.rank
-        plan = [truncation_point(len(e.chosen_ids), len(e.prompt_ids), cfg.segment_len, cfg.max_length, self.rng) for e in fresh]
-        mine = range(r * B, (r + 1) * B)
-        contexts = [fresh[i].prompt_ids + fresh[i].chosen_ids[: plan[i][0]] for i in mine]
-        n_steps = max(G for _, G in plan)
+    def _make_negatives(self, fresh: list[sapo.Example], micro: int) -> list[sapo.PreferenceTuple]:
+        """sapo.make_negatives across processes: every process draws the truncation points of all B*W rows from the
+        same rng and splices all B*W tuples; the generate it is given writes this process's B segments and
+        all-gathers the others'."""
+        cfg = self.cfg
+        gather_weights = self.shard and cfg.get("gather_generator_weights", True)
         with self._generator() as generator, self._autocast(), \
-                gathered(generator, self.shard and cfg.get("gather_generator_weights", True),
-                         cfg.get("fsdp_reshard_after_forward", True)):
-            segments = generate_segments(
-                generator, contexts, [plan[i][1] for i in mine], n_steps, self.pad_id, self.stop_ids,
-                [row_seed(self.seed, self.step, micro, i) for i in mine], cfg.temperature, cfg.top_p, cfg.top_k,
-                cache_dtype=self.compute_dtype if self.mixed else next(generator.parameters()).dtype, device=self.device)
-        if self.world_size > 1:   # every process gets every segment, in row order
-            padded = torch.full((B, n_steps), -1, dtype=torch.long, device=self.device)
+                gathered(generator, gather_weights, cfg.get("fsdp_reshard_after_forward", True)):
+            return sapo.make_negatives(generator, fresh, cfg.segment_len, cfg.max_length, self.rng, self.pad_id,
+                                       self.stop_ids, self.sampling, generate=self._generate_across_processes(micro))
+
+    def _generate_across_processes(self, micro: int):
+        """sapo.make_negatives' `generate` on W processes: process r decodes rows r*B .. r*B+B-1 (torchtune_generate,
+        each row's noise seeded by row_seed), then every process gets every segment, in row order."""
+        def generate(model, contexts, max_new_tokens, pad_id, stop_ids, sampling):
+            mine = range(self.rank * self.B, (self.rank + 1) * self.B)
+            n_steps = max(max_new_tokens)            # the same on every process: all of them decode as long
+            cache_dtype = self.compute_dtype if self.mixed else next(model.parameters()).dtype
+            segments = torchtune_generate(model, [contexts[i] for i in mine], [max_new_tokens[i] for i in mine],
+                                          pad_id, stop_ids, sampling, [row_seed(self.seed, self.step, micro, i) for i in mine],
+                                          n_steps, cache_dtype, self.device)
+            if self.world_size == 1:
+                return segments
+            padded = torch.full((self.B, n_steps), -1, dtype=torch.long, device=self.device)
             for i, s in enumerate(segments):
                 padded[i, : len(s)] = torch.tensor(s)
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-            segments = [[t for t in row if t >= 0] for row in torch.cat(parts).tolist()]
-        tuples = []
-        for e, (t, G), seg in zip(fresh, plan, segments):
-            y_neg, kept = splice_negative(e.chosen_ids, t, G, seg, self.stop_ids)
-            tuples.append({"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": y_neg,
-                           "t": t, "segment_len": kept, "times_sampled": 0})
-        return tuples
+            return [[t for t in row if t >= 0] for row in torch.cat(parts).tolist()]
+        return generate
 
     def _loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
         """sapo.batch_loss on this process's rows: the method's loss and TRL/torchtune-named metrics (means over
@@ -1001,9 +791,9 @@ class SAPORecipe(FTRecipeInterface):
             with self._autocast():
                 ref_pos, ref_neg = self._reference_logps(batch)
         with self._autocast():
-            pi_pos, pi_neg, n_pos, n_neg = preference_logps(self.policy, batch, self.pad_id, self.device)
+            pi_pos, pi_neg, n_pos, n_neg = torchtune_preference_logps(self.policy, batch, self.pad_id, self.device)
         if cfg.method == "sapo-dpo":
-            loss, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
+            loss, r_pos, r_neg = sapo.dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
             extra = {}
         else:
             # NLL(y+) as a token mean over the *global* batch: scaled by W here, averaged over W by FSDP
@@ -1011,10 +801,10 @@ class SAPORecipe(FTRecipeInterface):
             if self.world_size > 1:
                 dist.all_reduce(n_all)
             nll = -pi_pos.sum() * self.world_size / n_all
-            loss, log_odds, r_pos, r_neg = orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll, cfg.orpo_lambda)
+            loss, log_odds, r_pos, r_neg = sapo.orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll, cfg.orpo_lambda)
             extra = {"nll_loss": nll.item(), "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
                      "log_odds_chosen": log_odds.mean().item()}
-        return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+        return loss, sapo.preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
 
     def _mean_over_processes(self, metrics: dict) -> dict:
         if self.world_size == 1:
@@ -1033,25 +823,23 @@ class SAPORecipe(FTRecipeInterface):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = float(cfg.get("clip_grad_norm") or float("inf"))
         save_every = int(cfg.get("save_every_n_steps") or 0)
-        self.n_samples = sum(1 for _ in open(self.samples_path)) if self.samples_path.exists() else 0
         mine = slice(self.rank * self.B, (self.rank + 1) * self.B)
-        stop = StopSignal()        # SIGTERM / SIGINT: finish this optimizer step, checkpoint, exit 143 / 130
         release_host_memory()      # what loading (a resumed checkpoint) freed
         reset_peak_rss()           # memory/peak_rss_gib: the training peak, setup excluded
-        try:
+        # SIGTERM / SIGINT: finish this optimizer step, checkpoint, exit 143 / 130 (a second one: at once)
+        with StopSignals(phase="training") as stop:
             while self.step < self.max_steps:
                 self._step(trainable, max_norm, save_every, mine)
-                signum = int(self._agreed(stop.signum, dist.ReduceOp.MAX))   # every process stops after the same step
+                signum = int(self._agreed(stop.signum or 0, dist.ReduceOp.MAX))   # all stop after the same step
                 if signum:
                     if not self._saved_at == self.step:
                         self.save_checkpoint(self.step)
+                    message = (f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
+                               f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command "
+                               f"plus resume_from_checkpoint=True; exit status {128 + signum}")
                     if self.is_rank_zero:
-                        print(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
-                              f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command plus "
-                              f"resume_from_checkpoint=True; exit status {128 + signum}", flush=True)
-                    raise Preempted(signum)
-        finally:
-            stop.restore()
+                        print(message, flush=True)
+                    raise Stopped(signum, message)
 
     def _step(self, trainable, max_norm: float, save_every: int, mine: slice) -> None:
         """One optimizer step: EMA update, reference refresh, negatives, loss, backward, optimizer, log, checkpoint."""
@@ -1060,8 +848,8 @@ class SAPORecipe(FTRecipeInterface):
         # (1) EMA update, before this step's gradient update
         self._ema_update()
         # (1b) SAPO-DPO: every ref_every completed optimizer steps, reference <- EMA, right after this step's EMA
-        # update and before its loss (the authors' moving_average; step 0's copy would be a no-op)
-        if cfg.method == "sapo-dpo" and self.ref_every > 0 and self.step > 0 and self.step % self.ref_every == 0:
+        # update and before its loss (the authors' moving_average)
+        if sapo.refresh_due(self.method, self.step, self.ref_every):
             self._refresh_reference()
         self.optimizer.zero_grad(set_to_none=True)
         accum, gen_tokens, gen_time = [], 0, 0.0
@@ -1086,14 +874,13 @@ class SAPORecipe(FTRecipeInterface):
             if self.device.type == "cpu":
                 release_host_memory()
             accum.append(m)
-            if self.is_rank_zero and self.n_samples < cfg.get("num_samples", 8):
-                with open(self.samples_path, "a") as fh:
-                    for tpl in tuples[: cfg.get("num_samples", 8) - self.n_samples]:
-                        fh.write(json.dumps(describe_tuple(_Decoder(self.tokenizer), tpl, self.step + 1), ensure_ascii=False) + "\n")
-                        self.n_samples += 1
+            if self.is_rank_zero:
+                room = cfg.get("num_samples", 8) - self.n_samples
+                self.n_samples += append_samples(self.samples_path, _Decoder(self.tokenizer), tuples, self.step + 1,
+                                                 room)
         # (5) the optimizer step; a NaN/inf loss or gradient skips it (sapo.py's --on-nonfinite), on every
         # process alike: the gradient norm and the averaged loss are the same everywhere
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         metrics = self._mean_over_processes({k: sum(m[k] for m in accum) / len(accum) for k in accum[0]})
         if math.isfinite(grad_norm.item()) and math.isfinite(metrics["loss"]):
             self.optimizer.step()
@@ -1119,12 +906,9 @@ class SAPORecipe(FTRecipeInterface):
             metrics.update({k: self._agreed(v, dist.ReduceOp.MAX) for k, v in self.setup_memory.items()})
             self.setup_memory = {}
         if self.is_rank_zero:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            self.metrics_log.write(metrics, echo=log.info if self.step % cfg.get("log_every_n_steps", 1) == 0 else None)
             if self.metric_logger is not None:
                 self.metric_logger.log_dict({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
-            if self.step % cfg.get("log_every_n_steps", 1) == 0:
-                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
             self.save_checkpoint(self.step)
             self._saved_at = self.step
@@ -1164,7 +948,7 @@ class SAPORecipe(FTRecipeInterface):
             for name, weights in (("ema", self.ema), ("ref", self.ref)):
                 if weights is None:
                     continue
-                sd = {n: _full(p).detach().cpu() for n, p in weights.named().items()}
+                sd = {n: full_tensor(p).detach().cpu() for n, p in weights.named().items()}
                 if rank0:
                     self.ckpt[name].save_checkpoint({training.ADAPTER_KEY: sd, training.ADAPTER_CONFIG: self._adapter_config()},
                                                     epoch=step, adapter_only=True)
@@ -1181,7 +965,7 @@ class SAPORecipe(FTRecipeInterface):
         if rank0:
             version, internal, gauss = self.rng.getstate()
             state = {"step": step, "skipped": self.skipped, "seed": self.seed, "optimizer": opt, "lr_scheduler": self.scheduler.state_dict(),
-                     "buffer": self.buffer.state_dict(), "stream": [self.stream.epoch, self.stream.pos],
+                     "buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
                      "python_rng": [version, list(internal), gauss], "ref_has_adapters": self.ref is not None}
             folder = self.out / "recipe_state"
             folder.mkdir(parents=True, exist_ok=True)
@@ -1207,27 +991,17 @@ class SAPORecipe(FTRecipeInterface):
     def cleanup(self) -> None:
         if self.metric_logger is not None:
             self.metric_logger.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
         dist.destroy_process_group()
 
-
-def init_distributed(cfg: DictConfig) -> None:
-    """gloo on CPU, NCCL on GPU (plus gloo for CPU offload). A single process not launched by torchrun gets a
-    one-process group, so that the same code (barriers, state-dict gathers) runs everywhere."""
-    device_type = torch.device(cfg.device).type
-    backend = training.get_distributed_backend(device_type, offload_ops_to_cpu=cfg.get("fsdp_cpu_offload", False))
-    # every collective (and the barrier while process 0 writes a checkpoint: about 100 GB at 8B) may take this long
-    timeout = datetime.timedelta(minutes=int(cfg.get("dist_timeout_minutes", 60)))
-    if training.is_distributed():
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """SAPO (Self-Augmented Preference Optimization) with torchtune. See scale/configs/*.yaml."""
     try:
-        check_config(cfg)
+        check_recipe_config(cfg)
     except ConfigError as e:   # before any process group: one line, no traceback
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -1241,12 +1015,12 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe = SAPORecipe(cfg)
         recipe.setup(cfg)
         recipe.train()
-    except ConfigError as e:   # found while loading (data, checkpoint shapes): one line, no traceback
+    except (ConfigError, UserError) as e:   # found while loading (data, checkpoint shapes): one line, no traceback
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         sys.exit(2)
-    except Preempted as e:
+    except Stopped as e:
         recipe.cleanup()
         sys.exit(128 + e.signum)
     recipe.cleanup()

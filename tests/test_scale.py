@@ -46,12 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sapo  # noqa: E402
+import sapo_fast  # noqa: E402
+from sapo_utils.models import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from scale import tiny  # noqa: E402
 
-import sapo_io as sio  # noqa: E402  (plumbing: model loading, stop tokens)
 import torchtune  # noqa: E402,F401  (a requirement: the scale tests fail, not skip, without it)
 from omegaconf import OmegaConf  # noqa: E402
 
+from scale import fsdp as FS  # noqa: E402
 from scale import sapo_recipe as R  # noqa: E402
 
 CONFIGS = ROOT / "scale" / "configs"
@@ -140,14 +142,14 @@ def test_tiktoken_tokenizer_matches_transformers(tiny_dir):
     from transformers import AutoTokenizer
     tt = tiny_tokenizer(tiny_dir)
     hf = AutoTokenizer.from_pretrained(tiny_dir)
-    ours, skipped = R.load_examples(str(DATA), "train", tt, 384, 256)
+    ours, skipped = R.load_torchtune_examples(str(DATA), "train", tt, 384, 256)
     theirs = sapo.load_examples(str(DATA), hf, 384, 256, verbose=False)
     assert skipped == 400 - len(theirs) and len(ours) == len(theirs) > 300
     for a, b in zip(ours, theirs):
         assert a.prompt_ids == b.prompt_ids and a.chosen_ids == b.chosen_ids
     assert ours[0].chosen_ids[-1] == tt.eot_id == hf.eos_token_id      # y+ ends with end-of-turn
     assert ours[0].prompt_ids[0] == tt.bos_id and tt.decode(ours[0].prompt_ids[-4:], skip_special_tokens=False).endswith("<|end_header_id|>\n\n")
-    assert sorted(tt.stop_tokens) == sorted(sio.stop_token_ids(sio.load_model_and_tokenizer(str(tiny_dir))[0], hf))
+    assert sorted(tt.stop_tokens) == sorted(stop_token_ids(load_model_and_tokenizer(str(tiny_dir))[0], hf))
 
 
 def test_sentencepiece_tokenizer_split(tmp_path):
@@ -169,34 +171,67 @@ def test_sentencepiece_tokenizer_split(tmp_path):
     assert tok.decode(e.chosen_ids[:-1]).strip() == chosen and "[/INST]" in tok.decode(e.prompt_ids)
 
 
+def test_columns_map_rows_as_in_sapo_py(tiny_dir, tmp_path):
+    """dataset.columns is sapo.py's --columns: the recipe's loader reads rows through sapo_utils.data.parse_rows, so
+    renamed columns give the examples the standard fields give; a bad mapping is a one-line ConfigError."""
+    tt = tiny_tokenizer(tiny_dir)
+    rows = [json.loads(line) for line in open(DATA)][:20]
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["chosen"]}) + "\n" for r in rows))
+    standard = tmp_path / "standard.jsonl"
+    standard.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
+    a, skipped_a = R.load_torchtune_examples(str(renamed), "train", tt, 384, 256, columns="prompt=question,chosen=answer")
+    b, skipped_b = R.load_torchtune_examples(str(standard), "train", tt, 384, 256)
+    assert skipped_a == skipped_b and [(e.prompt_ids, e.chosen_ids) for e in a] == [(e.prompt_ids, e.chosen_ids) for e in b]
+    cfg = OmegaConf.load(CONFIGS / "tiny_cpu.yaml")
+    cfg.dataset.columns = "prompt=question,answer"
+    with pytest.raises(R.ConfigError, match="dataset.columns"):
+        R.check_recipe_config(cfg)
+
+
+def test_recipe_defines_no_twins():
+    """Every function or class the recipe defines has a name of its own: none shadows a name of sapo.py, sapo_fast.py
+    or sapo_utils/ (a twin with another body would drift from the core)."""
+    import importlib
+    import pkgutil
+    import sapo_utils
+    core = [sapo, sapo_fast] + [importlib.import_module(f"sapo_utils.{m.name}") for m in pkgutil.iter_modules(sapo_utils.__path__)]
+    own = {name for name, value in vars(R).items() if getattr(value, "__module__", None) == R.__name__}
+    for module in core:
+        assert not own & set(vars(module)), (module.__name__, sorted(own & set(vars(module))))
+
+
 # ----------------------------------------------------------------------------- log-probs and generation
 
 def test_logps_match_sapo_sequence_logps(tiny_dir, tmp_path):
-    """Per-sequence summed log-probs of response tokens: torchtune model with the output layer at response
-    positions only (scale) == transformers model (sapo.sequence_logps), same collate and masks."""
-    hf_model, hf_tok = sio.load_model_and_tokenizer(str(tiny_dir))
+    """Per-sequence summed log-probs of response tokens: sapo.preference_logps with the torchtune forward as its
+    logits_at (the output layer at response positions only), and the packed torchtune layout, == sapo.py's plain
+    two rows on the transformers model."""
+    hf_model, hf_tok = load_model_and_tokenizer(str(tiny_dir))
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
     ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:5]
     batch = [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.chosen_ids[: 7 + 3 * i]}
              for i, e in enumerate(ex)]
     with torch.no_grad():
-        a = R.preference_logps(tt_model, batch, hf_tok.pad_token_id, "cpu")
-        b = sapo.preference_logps(hf_model, batch, hf_tok.pad_token_id, "cpu")
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-3)
+        two_rows = R.two_row_torchtune_logps(tt_model, batch, hf_tok.pad_token_id, "cpu")
+        packed = R.packed_torchtune_logps(tt_model, batch, hf_tok.pad_token_id, "cpu")
+        plain = sapo.preference_logps(hf_model, batch, hf_tok.pad_token_id, "cpu")
+    for ours in (two_rows, packed):
+        for x, y in zip(ours, plain):
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-3)
 
 
 def test_greedy_segments_match_transformers_generate(tiny_dir, tmp_path):
     """top_k = 1 in our KV-cached loop (left padding, torchtune masks and positions) == transformers' greedy
     generate via sapo.generate_segments, on contexts of different lengths, up to and including the first stop."""
-    hf_model, hf_tok = sio.load_model_and_tokenizer(str(tiny_dir))
+    hf_model, hf_tok = load_model_and_tokenizer(str(tiny_dir))
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
     ex = sapo.load_examples(str(DATA), hf_tok, 384, 256, verbose=False)[:4]
     contexts = [e.prompt_ids + e.chosen_ids[: 5 * i] for i, e in enumerate(ex)]
     new = [12, 5, 12, 9]
-    stop = sio.stop_token_ids(hf_model, hf_tok)
-    ours = R.generate_segments(tt_model, contexts, new, max(new), hf_tok.pad_token_id, stop, [0] * 4, top_k=1)
-    theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, do_sample=False)
+    stop = stop_token_ids(hf_model, hf_tok)
+    ours = R.torchtune_generate(tt_model, contexts, new, hf_tok.pad_token_id, stop, sapo.GREEDY, [0] * 4)
+    theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, sapo.GREEDY)
 
     def upto_stop(s):
         return next((s[: i + 1] for i, t in enumerate(s) if t in stop), s)
@@ -210,16 +245,17 @@ def test_sampling_is_seeded_per_row(tiny_dir, tmp_path):
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
     tok = tiny_tokenizer(tiny_dir)
     a, b = tok.encode("Tea is brewed", add_eos=False), tok.encode("The water cycle moves water between", add_eos=False)
-    kw = dict(pad_id=tok.pad_id, stop_ids=tok.stop_tokens, temperature=0.7, top_p=0.95, top_k=50)
-    both = R.generate_segments(tt_model, [a, b], [10, 10], 10, seeds=[11, 22], **kw)
-    alone = R.generate_segments(tt_model, [b], [10], 10, seeds=[22], **kw)
-    other = R.generate_segments(tt_model, [b], [10], 10, seeds=[23], **kw)
+    kw = dict(pad_id=tok.pad_id, stop_ids=tok.stop_tokens, sampling=sapo.segment_sampling(0.7, 50, 0.95))
+    both = R.torchtune_generate(tt_model, [a, b], [10, 10], seeds=[11, 22], **kw)
+    alone = R.torchtune_generate(tt_model, [b], [10], seeds=[22], **kw)
+    other = R.torchtune_generate(tt_model, [b], [10], seeds=[23], **kw)
     assert both[1] == alone[0] and alone[0] != other[0]
 
 
 def test_sampling_filters_match_transformers():
-    """The kept set of temperature + top-k + top-p is transformers' (TopKLogitsWarper, TopPLogitsWarper), and
-    the exponential race draws from the renormalised kept probabilities."""
+    """The kept set of temperature + top-k + top-p is transformers' (TopKLogitsWarper, TopPLogitsWarper), the
+    exponential race draws from the renormalised kept probabilities, and sapo_fast.TopKTopPSampler (what sapo.py
+    samples with by default) draws from the same distribution."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 40, generator=g) * 3
@@ -236,6 +272,13 @@ def test_sampling_filters_match_transformers():
     draws = R.sample_next(row, noise, 1.0, 0, 0.7)                      # top-p 0.7 keeps {0, 1}: 0.625 / 0.375
     assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.625) < 0.015
     assert set(R.sample_next(row, noise, 1.0, 1, 1.0).tolist()) == {0}   # top_k 1: greedy
+    torch.manual_seed(0)
+    scores = torch.randn(1, 12) * 2
+    p = R.sampling_probs(scores, 0.7, 6, 0.9)[0]
+    p = p / p.sum()                                                      # the race needs no renormalisation
+    drawn = sapo_fast.TopKTopPSampler(0.7, 6, 0.9)(None, scores.expand(40000, 12).clone()).argmax(-1)
+    freq = torch.bincount(drawn, minlength=12).float() / 40000
+    assert torch.equal(freq > 0, p > 0) and (freq - p).abs().max() < 0.015, (freq, p)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -245,7 +288,7 @@ def test_config_validates(name):
     from torchtune import config
     cfg = OmegaConf.load(CONFIGS / name)
     config.validate(cfg)        # every _component_ resolves and its arguments bind
-    R.check_config(cfg)         # every key the recipe reads, with its constraint
+    R.check_recipe_config(cfg)  # every key the recipe reads, with its constraint
     head = (CONFIGS / name).read_text().split("\n\n")[0]
     assert "tune run" in head and "scale/sapo_recipe.py" in head and f"scale/configs/{name}" in head
 
@@ -268,11 +311,11 @@ def test_big_configs_build_and_shard_on_meta(name, one_process_group):
     from torchtune import config, training
     from torchtune.modules import TransformerSelfAttentionLayer
     cfg = OmegaConf.load(CONFIGS / name)
-    lora = R.is_lora(cfg.model)
+    lora = FS.is_lora(cfg.model)
     for trainable in (True, False):
         with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
             model = config.instantiate(cfg.model)
-        R.prepare_model(model, cfg, trainable=trainable, shard=True)
+        FS.prepare_model(model, cfg, trainable=trainable, shard=True)
         params = list(model.named_parameters())
         assert all(p.is_meta and isinstance(p, DTensor) for _, p in params)
         n = sum(p.numel() for _, p in params if "lora" not in _)

@@ -43,6 +43,7 @@ import torchtune  # noqa: E402,F401  (a requirement: the scale tests fail, not s
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from scale import fsdp as FS  # noqa: E402
 from scale import memory, tiny  # noqa: E402
 from scale import sapo_recipe as R  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_mixed_precision_policy_on_the_trained_model(name, one_process_group):
     cfg = OmegaConf.load(CONFIGS / name)
     cfg.fsdp_reshard_after_forward = False
     for trainable in (True, False):
-        kw = R.fsdp_kwargs(cfg, trainable)
+        kw = FS.fsdp_kwargs(cfg, trainable)
         assert kw["reshard_after_forward"] is (not trainable)
         if trainable:
             assert kw["mp_policy"].param_dtype == torch.bfloat16 and kw["mp_policy"].reduce_dtype == torch.float32
@@ -108,11 +109,11 @@ def test_mixed_precision_policy_on_the_trained_model(name, one_process_group):
             assert "mp_policy" not in kw
     with training.set_default_dtype(torch.float32), torch.device("meta"):
         model = config.instantiate(cfg.model)
-    R.prepare_model(model, cfg, trainable=True, shard=True)
+    FS.prepare_model(model, cfg, trainable=True, shard=True)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     assert units and all(m._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16 for m in units)
     cfg.fsdp_mixed_precision = False                                    # torchtune's own shard_model: no policy
-    assert "mp_policy" not in R.fsdp_kwargs(cfg, True)
+    assert "mp_policy" not in FS.fsdp_kwargs(cfg, True)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -137,7 +138,7 @@ def test_reshard_false_with_lora_is_rejected(tiny_dir, tmp_path):
     cfg = OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo_lora.yaml")
     cfg.fsdp_reshard_after_forward = False
     with pytest.raises(R.ConfigError, match="fsdp_reshard_after_forward"):
-        R.check_config(cfg)
+        R.check_recipe_config(cfg)
     OmegaConf.save(cfg, tmp_path / "lora.yaml")
     p = run(tmp_path / "lora.yaml", 1, output_dir=tmp_path / "o")
     assert p.returncode == 2 and "Traceback" not in p.stdout + p.stderr
@@ -174,26 +175,29 @@ def test_shared_prefix_layout_matches_two_rows(tiny_dir, tmp_path):
     model = tiny_torchtune_model(tiny_dir, tmp_path)
     tok = tiny_tokenizer(tiny_dir)
     pad = tok.pad_id
-    ex = R.load_examples(str(DATA), "train", tok, 384, 256)[0][:6]
+    ex = R.load_torchtune_examples(str(DATA), "train", tok, 384, 256)[0][:6]
     batch = []
     for i, e in enumerate(ex):          # y- shares 0, a few, or all-but-one tokens with y+, and has its own tail
         k = [0, 3, 9, len(e.chosen_ids) - 1, 5, 1][i]
         batch.append({"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids,
                       "rejected_ids": e.chosen_ids[:k] + [(7 * i + j) % 300 for j in range(4 + i)]})
     with torch.no_grad():
-        one = R.shared_prefix_logps(model, batch, pad, "cpu")
-        two = R.two_row_logps(model, batch, pad, "cpu")
+        one = R.packed_torchtune_logps(model, batch, pad, "cpu")
+        two = R.two_row_torchtune_logps(model, batch, pad, "cpu")
     for a, b in zip(one, two):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-4)
-    assert R.check_shared_prefix(model, "cpu") and model.sapo_shared_prefix
+    assert R.torchtune_packing_ok(model, "cpu") and model.sapo_shared_prefix
     # a decoder that ignores the mask (attends causally over y+'s own tokens from y-) fails the check
     forward = model.forward
     model.forward = lambda tokens, mask=None, input_pos=None, **kw: forward(tokens, input_pos=input_pos)
-    assert not R.check_shared_prefix(model, "cpu") and not model.sapo_shared_prefix
+    assert not R.torchtune_packing_ok(model, "cpu") and not model.sapo_shared_prefix
     with torch.no_grad():
-        fallback = R.preference_logps(model, batch, pad, "cpu")
+        fallback = R.torchtune_preference_logps(model, batch, pad, "cpu")
     for a, b in zip(fallback, two):
         torch.testing.assert_close(a.float(), b.float())
+    # and so does one that ignores input_pos (positions would not restart per packed segment)
+    model.forward = lambda tokens, mask=None, input_pos=None, **kw: forward(tokens, mask=mask)
+    assert not R.torchtune_packing_ok(model, "cpu")
 
 
 # ----------------------------------------------------------------------------- dropout, reference refresh
@@ -416,14 +420,14 @@ def test_loaders_copy_out_of_mmapped_checkpoint(tmp_path):
     full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     assert _mapped(path)
     frozen = net().to(torch.bfloat16)
-    missing, unexpected = R.load_full_model_state_dict(frozen, {k: v for k, v in full["model"].items() if k != "1.bias"})
+    missing, unexpected = FS.load_full_model_state_dict(frozen, {k: v for k, v in full["model"].items() if k != "1.bias"})
     assert missing == ["1.bias"] and unexpected == ["extra"]
     assert torch.equal(frozen[0].weight, model[0].weight.to(torch.bfloat16))
     copy = net()
-    R.load_full_model_state_dict(copy, full["model"], consume=True)
+    FS.load_full_model_state_dict(copy, full["model"], consume=True)
     assert "0.weight" not in full["model"] and torch.equal(copy[1].bias, model[1].bias)
     opt2 = torch.optim.AdamW(copy.parameters(), lr=0.1)
-    R.load_full_optimizer_state_dict(opt2, full["optimizer"])
+    FS.load_full_optimizer_state_dict(opt2, full["optimizer"])
     del full
     gc.collect()
     assert not _mapped(path)
