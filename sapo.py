@@ -199,13 +199,14 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
         else:
             y_neg = encode_response(tok, rejected) if rejected else None
             examples.append(Example(x, y_pos, y_neg, row if isinstance(row, dict) else None))
-    limits = f"--max-prompt-length={max_prompt_length} / --max-length={max_length}"
+    prompt_limit = f"--max-prompt-length={max_prompt_length}"
+    limit = f"--max-length={max_length}"
     if verbose and (long_prompts or too_long):
-        print(f"{source}: skipped {long_prompts} prompts and {too_long} examples too long for "
-              f"{limits}; kept {len(examples)}", flush=True)
+        print(f"{source}: skipped {long_prompts} prompts longer than {prompt_limit} and "
+              f"{too_long} examples longer than {limit}; kept {len(examples)}", flush=True)
     if not examples:
         raise UserError(f"{source}: no usable examples (all {long_prompts + too_long} are too "
-                        f"long for {limits})")
+                        f"long for {prompt_limit} / {limit})")
     return examples
 
 
@@ -496,6 +497,7 @@ def ops_for(cfg: Config, device) -> Ops:
     """The plain functions with --plain; else sapo_fast.py's speed-ups (same numbers)."""
     if cfg.plain:
         return Ops()
+    device = torch.device(device)
     dtype = sapo_fast.generation_dtype(cfg.generator_dtype, cfg.precision, device)
     return sapo_fast.speedups(Ops(), dtype)
 
@@ -731,7 +733,6 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
                            negatives)
         loop = {"step": 0, "before": None, "spin_negatives": [], "skipped": 0,
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
-        run.say("scoring the held-out prompts")
         run.start(models, optimizer, scheduler, rng, device, loop, heldout)
         stream = loop["stream"]
         while loop["step"] < cfg.max_steps:

@@ -313,12 +313,13 @@ class Run:
         generation_s = max(self.times.get("generation", 0.0), 1e-9)
         metrics["gen/tokens_per_s"] = written / generation_s
         metrics["time/step_s"] = time.perf_counter() - self.t0
-        if negatives != "none":
+        if negatives == "none":
+            fresh_tuples = []
+        else:
             same = [t["rejected_ids"] == t["chosen_ids"] for t in fresh_tuples]
             metrics["negatives/identical"] = sum(same) / max(1, len(same))
-            room = cfg.num_samples - self.n_samples
-            self.n_samples += append_samples(self.out / "samples.jsonl", tok, fresh_tuples,
-                                             step, room)
+        room = cfg.num_samples - self.n_samples
+        self.n_samples += append_samples(self.out / "samples.jsonl", tok, fresh_tuples, step, room)
         metrics.update(self.heldout.due(policy, step))
         echo = self.bar.write if step % cfg.log_every == 0 else None
         self.log.write(metrics, echo=echo)

@@ -99,3 +99,17 @@ def small_jsonl(tmp_path):
     rows = [{"prompt": f"Explain tea number {i}.", "chosen": f"Tea {i} is brewed by pouring hot water over leaves. "
              "Wait a few minutes and drink it."} for i in range(24)]
     return write_jsonl(tmp_path / "small.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory):
+    """arch_dirs(arch, chat) -> a tiny model folder of that architecture, built once per session."""
+    from tiny_models import make_tiny
+    made = {}
+
+    def get(arch, chat):
+        if (arch, chat) not in made:
+            folder = tmp_path_factory.mktemp(f"{arch}_{'chat' if chat else 'plain'}")
+            made[arch, chat] = make_tiny(arch, folder, chat)
+        return made[arch, chat]
+    return get

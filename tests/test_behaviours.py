@@ -11,6 +11,10 @@ import pytest
 import torch
 
 import sapo
+import sapo_utils.cli
+import sapo_utils.errors
+import sapo_utils.models
+import sapo_utils.optim
 from conftest import write_jsonl
 
 
@@ -34,9 +38,9 @@ def flat(model) -> torch.Tensor:
 
 def load(path):
     """The model as train() holds it: loaded, dropout off; and its tokenizer."""
-    model = sapo.load_model(str(path))
-    sapo.disable_dropout(model)
-    return model, sapo.load_tokenizer(str(path))
+    model = sapo_utils.models.load_model(str(path))
+    sapo_utils.models.disable_dropout(model)
+    return model, sapo_utils.models.load_tokenizer(str(path))
 
 
 def rows(n, prefix="Explain tea number"):
@@ -212,7 +216,7 @@ def by_hand(schedule, step, warmup, max_steps):
 def test_lr_schedules_in_metrics(schedule, tiny_llama_dir, small_jsonl, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, small_jsonl, tmp_path / "o", max_steps=6, schedule=schedule, warmup_ratio=0.34, lr=2e-3)
     warmup = 2                                             # int(0.34 * 6)
-    f = sapo.lr_lambda(cfg)
+    f = sapo_utils.optim.lr_lambda(schedule, warmup, 6)
     assert [f(s) for s in range(7)] == pytest.approx([by_hand(schedule, s, warmup, 6) for s in range(7)], abs=1e-12)
     sapo.train(cfg)
     lrs = [m["lr"] for m in read_jsonl(tmp_path / "o" / "metrics.jsonl")]
@@ -281,8 +285,7 @@ def test_make_negatives_with_eos_at_segment_edges(tiny_llama_dir, monkeypatch):
     model.eval()
     eos = tok.eos_token_id
     makers = [lambda n: [eos] + [300] * (n - 1), lambda n: [301] * (n - 1) + [eos], lambda n: [eos] * n]
-    monkeypatch.setattr(sapo, "generate_segments",
-                        lambda model, contexts, max_new, *a, **k: [f(n) for f, n in zip(makers, max_new)])
+    stub = lambda model, contexts, max_new, *a, **k: [f(n) for f, n in zip(makers, max_new)]  # noqa: E731
     y = [20 + j for j in range(30)] + [eos]
     examples = [sapo.Example([5, 6, 7], y), sapo.Example([5, 6, 7, 8], y), sapo.Example([5, 6], [40, 41, eos])]
     seen_t = set()
@@ -290,7 +293,8 @@ def test_make_negatives_with_eos_at_segment_edges(tiny_llama_dir, monkeypatch):
         plan_rng = random.Random(trial)            # the same draws make_negatives makes, in the same order
         (t0, G0), (t1, G1), (t2, _) = [sapo.truncation_point(len(e.chosen_ids), len(e.prompt_ids), 6, 128, plan_rng)
                                        for e in examples]
-        out = sapo.make_negatives(model, examples, 6, 128, random.Random(trial), tok.pad_token_id, [eos])
+        out = sapo.make_negatives(model, examples, 6, 128, random.Random(trial), tok.pad_token_id, [eos],
+                                  sapo.GREEDY, generate=stub)
         assert [o["t"] for o in out] == [t0, t1, t2] and G0 == G1 == 6 and t2 == 0
         assert out[0]["rejected_ids"] == y[:t0] + [eos] and out[0]["segment_len"] == 1
         assert out[1]["rejected_ids"] == y[:t1] + [301] * 5 + [eos] and out[1]["segment_len"] == 6
@@ -415,15 +419,15 @@ BAD_CONFIGS = [(dict(batch_size=0), "--batch-size"), (dict(grad_accum=0), "--gra
 
 @pytest.mark.parametrize("kw,flag", BAD_CONFIGS, ids=[f"{k}={v}" for kw, _ in BAD_CONFIGS for k, v in list(kw.items())[:1]])
 def test_check_config_names_the_flag(kw, flag):
-    with pytest.raises(sapo.UserError) as e:
-        sapo.check_config(sapo.Config(**kw))
+    with pytest.raises(sapo_utils.errors.UserError) as e:
+        sapo_utils.cli.check_config(sapo.Config(**kw))
     assert flag in str(e.value) and "\n" not in str(e.value)
 
 
 def test_check_config_accepts_the_edges(tmp_path, tiny_llama_dir, capsys):
     for kw in (dict(), dict(ema_decay=0.0), dict(ema_decay=1.0), dict(max_steps=0), dict(save_steps=-1),
                dict(max_prompt_length=511, max_length=512), dict(batch_size=1, grad_accum=1, eval_size=1, keep_checkpoints=1)):
-        sapo.check_config(sapo.Config(**kw))
+        sapo_utils.cli.check_config(sapo.Config(**kw))
     # and through the CLI: exit code 2, one line, the flag named
     assert sapo.main(["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "o"), "--ema-decay", "2"]) == 2
     err = capsys.readouterr().err.strip()

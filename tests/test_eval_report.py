@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import sapo
-import sapo_io
+import sapo_utils.errors
+import sapo_utils.models
+import sapo_utils.report
 from conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +62,8 @@ def test_heldout_rewards_against_the_start_model(tiny_llama_dir, rows_jsonl, tmp
 
 def test_heldout_rewards_equal_an_independent_computation(tiny_llama_dir):
     """sapo.evaluate against the plain formula on two models: full logits, log_softmax, sums over y."""
-    policy = sapo.load_model(str(tiny_llama_dir))
-    start = sapo.load_model(str(tiny_llama_dir))
+    policy = sapo_utils.models.load_model(str(tiny_llama_dir))
+    start = sapo_utils.models.load_model(str(tiny_llama_dir))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in policy.parameters():
@@ -123,21 +125,21 @@ def test_tensorboard_missing_is_one_line(monkeypatch, tmp_path):
             raise ImportError("No module named 'tensorboard'")
         return real_import(name, *args, **kw)
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.raises(sapo_io.UserError, match="--report-to tensorboard needs the tensorboard package"):
-        sapo_io.MetricsLog(tmp_path, 0, "tensorboard")
+    with pytest.raises(sapo_utils.errors.UserError, match="--report-to tensorboard needs the tensorboard package"):
+        sapo_utils.report.MetricsLog(tmp_path, 0, "tensorboard")
 
 
 def test_metrics_png_leaves_the_matplotlib_backend_alone(tmp_path):
     """A notebook that calls sapo.train keeps its inline plots: writing metrics.png switches no global backend."""
     import matplotlib
-    import sapo_io
+    import sapo_utils.report  # noqa: F811
     previous = matplotlib.get_backend()
     matplotlib.use("svg")
     try:
         rows = [{"step": s, "loss": 0.7 - 0.01 * s, "rewards/margins": 0.01 * s, "rewards/accuracies": 1.0}
                 for s in (1, 2, 3)]
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        png = sapo_io.plot_metrics(tmp_path, before={"eval/rewards/margins": 0.0, "eval/rewards/accuracies": 0.0})
+        png = sapo_utils.report.plot_metrics(tmp_path, before={"eval/rewards/margins": 0.0, "eval/rewards/accuracies": 0.0})
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.get_backend() == "svg"
     finally:

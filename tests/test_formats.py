@@ -13,7 +13,8 @@ import pytest
 from conftest import CHATML, ROOT, _tokenizer, write_jsonl
 
 import sapo
-import sapo_io
+import sapo_utils.data
+import sapo_utils.models
 
 ANSWER = "Pour hot water over the leaves, wait three minutes, then remove them."
 SYSTEM = "Answer briefly."
@@ -53,7 +54,7 @@ def expected(fmt, i):
 
 
 def parsed(source, columns="", split="train"):
-    return [p for _, _, p in sapo_io.parse_rows(sapo_io.read_rows(str(source), split), columns)]
+    return [p for _, _, p in sapo_utils.data.parse_rows(sapo_utils.data.read_rows(str(source), split), columns)]
 
 
 def hub_folder(path: Path, rows) -> Path:
@@ -80,14 +81,14 @@ def test_each_format_from_jsonl_and_from_a_datasets_folder(fmt, tmp_path):
 def test_precedence_documented_in_parse_row():
     both = {"prompt": "A?", "chosen": "B.", "completion": "C.", "messages": [{"role": "user", "content": "D?"},
             {"role": "assistant", "content": "E."}], "instruction": "F?", "output": "G."}
-    assert sapo_io.parse_row(both, "f:1")[1] == "B."                                   # 1. {prompt, chosen}
-    assert sapo_io.parse_row({k: both[k] for k in both if k != "chosen"}, "f:1")[1] == "C."   # 2. {prompt, completion}
-    assert sapo_io.parse_row({k: both[k] for k in ("messages", "instruction", "output")}, "f:1")[1] == "E."
-    assert sapo_io.parse_row({"conversations": [{"from": "user", "value": "H?"}, {"from": "assistant", "value": "I."}],
+    assert sapo_utils.data.parse_row(both, "f:1")[1] == "B."                                   # 1. {prompt, chosen}
+    assert sapo_utils.data.parse_row({k: both[k] for k in both if k != "chosen"}, "f:1")[1] == "C."   # 2. {prompt, completion}
+    assert sapo_utils.data.parse_row({k: both[k] for k in ("messages", "instruction", "output")}, "f:1")[1] == "E."
+    assert sapo_utils.data.parse_row({"conversations": [{"from": "user", "value": "H?"}, {"from": "assistant", "value": "I."}],
                            "instruction": "F?", "output": "G."}, "f:1")[1] == "I."     # 4. before 5.
     nulls = {"prompt": None, "completion": None, "instruction": "F?", "output": "G."}   # null = absent
-    assert sapo_io.parse_row(nulls, "f:1")[1] == "G."
-    doc = sapo_io.parse_row.__doc__
+    assert sapo_utils.data.parse_row(nulls, "f:1")[1] == "G."
+    doc = sapo_utils.data.parse_row.__doc__
     order = [doc.index(s) for s in ("{prompt, chosen", "{prompt, completion}", "{messages}", "{conversations}",
                                     "{instruction")]
     assert order == sorted(order)
@@ -99,7 +100,7 @@ def test_bom_and_windows_line_endings(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode() + b"\r\n")
     assert parsed(path) == [expected("alpaca", i) for i in range(3)]
     path.write_bytes(b"\xef\xbb\xbf" + "\r".join(json.dumps(r) for r in rows).encode())   # old Mac line ends
-    assert [w for w, _ in sapo_io.read_rows(str(path))] == [f"{path}:{n}" for n in (1, 2, 3)]
+    assert [w for w, _ in sapo_utils.data.read_rows(str(path))] == [f"{path}:{n}" for n in (1, 2, 3)]
 
 
 def test_json_array_and_single_parquet_and_csv_files(tmp_path):
@@ -280,18 +281,18 @@ def make_tiny_gguf(path: Path, seed: int = 0) -> Path:
 def test_gguf_file_is_converted_once_and_trains(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SAPO_CACHE", str(tmp_path / "cache"))
     gguf_file = make_tiny_gguf(tmp_path / "tiny.gguf")
-    model, tok = sapo_io.load_model_and_tokenizer(str(gguf_file))
+    model, tok = sapo_utils.models.load_model_and_tokenizer(str(gguf_file))
     assert type(model).__name__ == "LlamaForCausalLM" and tok.eos_token == "<|im_end|>" and tok.chat_template
     assert capsys.readouterr().out.count("converting") == 1           # the tokenizer and the model share one copy
     (folder,) = (tmp_path / "cache" / "gguf").iterdir()
     assert folder.name.startswith("tiny-") and (folder / "model.safetensors").exists()
     data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["alpaca"](i) for i in range(6)])
-    sapo_io._gguf_key.cache_clear()
+    sapo_utils.models._gguf_key.cache_clear()
     assert sapo.main(train_args(gguf_file, data, tmp_path / "out")) == 0
     assert "converting" not in capsys.readouterr().out                 # cached: same path, same content
     make_tiny_gguf(gguf_file, seed=1)                                  # changed in place: a new key, converted again
-    sapo_io._gguf_key.cache_clear()
-    sapo_io.load_tokenizer(str(gguf_file))
+    sapo_utils.models._gguf_key.cache_clear()
+    sapo_utils.models.load_tokenizer(str(gguf_file))
     assert capsys.readouterr().out.count("converting") == 1 and len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
 
 

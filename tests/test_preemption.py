@@ -9,6 +9,7 @@ an uninterrupted one (final weights, metrics less timing, samples). The random p
 in every assertion message; set SAPO_TEST_SEED to replay). The 20-point sweep is bench/preempt_sweep.py.
 """
 import errno
+import functools
 import json
 import os
 import random
@@ -27,7 +28,10 @@ import torch
 from conftest import ROOT, write_jsonl
 
 import sapo
-import sapo_io
+import sapo_utils.checkpoints
+import sapo_utils.errors
+import sapo_utils.report
+import sapo_utils.run
 from bench.preempt_sweep import (ROWS, STOPPED, common_args, differences, lines, metrics_rows, run, start,
                                  wait_until)
 
@@ -89,7 +93,11 @@ def no_leftovers(out: Path) -> list[str]:
 DRIVER = """
 import os, sys, time
 sys.path.insert(0, os.environ["SAPO_ROOT"])
-import sapo, sapo_io
+import sapo
+import sapo_utils.checkpoints
+import sapo_utils.errors
+import sapo_utils.report
+import sapo_utils.run
 if os.environ.get("SLOW_CHECKPOINT_S"):           # a checkpoint write that takes a while: room for a 2nd signal
     import safetensors.torch as st
     real_save = st.save_model
@@ -99,13 +107,13 @@ if os.environ.get("SLOW_CHECKPOINT_S"):           # a checkpoint write that take
         return real_save(model, path, *a, **k)
     st.save_model = save_model
 if os.environ.get("GATE_FILE"):                   # hold the run after step GATE_STEP until the file exists
-    real_write = sapo_io.MetricsLog.write
+    real_write = sapo_utils.report.MetricsLog.write
     def write(self, metrics, echo=None):
         real_write(self, metrics, echo)
         if metrics["step"] == int(os.environ["GATE_STEP"]):
             while not os.path.exists(os.environ["GATE_FILE"]):
                 time.sleep(0.05)
-    sapo_io.MetricsLog.write = write
+    sapo_utils.report.MetricsLog.write = write
 sys.exit(sapo.main(sys.argv[1:]))
 """
 
@@ -158,7 +166,7 @@ def test_sigterm_and_sigint_at_random_steps_resume_bit_identically(tmp_path, tin
         assert r["rc"] == 128 + s and m, why
         step = int(m.group(1))
         assert len(r["lines"]) == step and Path(m.group(2)) == outs[s] / "checkpoints" / f"step-{step:08d}", why
-        assert sapo_io.verify_checkpoint(Path(m.group(2))) is None, why
+        assert sapo_utils.checkpoints.verify_checkpoint(Path(m.group(2))) is None, why
     with ThreadPoolExecutor(2) as pool:
         rcs = list(pool.map(lambda s: run(argv(tiny_llama_dir, data, outs[s], "--resume"), tmp_path / f"resume-{s}")
                             if got[s]["rc"] else 0, SIGNALS))
@@ -184,8 +192,8 @@ def test_second_signal_during_a_checkpoint_write_then_stale_lock_taken_over(tmp_
     err = (tmp_path / "first.err").read_text()
     assert "SIGTERM again: stopping at once" in err and "Traceback" not in err, err
     assert (out / ".lock").exists() and json.loads((out / ".lock").read_text())["pid"] == proc.pid
-    assert sapo_io.latest_checkpoint(ckpts) == ckpts / "step-00000002"
-    assert sapo_io.verify_checkpoint(ckpts / "step-00000002") is None
+    assert sapo_utils.checkpoints.latest_checkpoint(ckpts) == ckpts / "step-00000002"
+    assert sapo_utils.checkpoints.verify_checkpoint(ckpts / "step-00000002") is None
     assert run(argv(tiny_llama_dir, data, out, "--resume", save_steps=2), tmp_path / "resume") == 0
     said = (tmp_path / "resume.out").read_text()
     assert f"taking over the lock of a run that is gone (pid {proc.pid} on {socket.gethostname()}" in said, said
@@ -240,6 +248,7 @@ def send_on_call(monkeypatch, owner, name, signum, when):
     """Wrap owner.name: the call for which when(n, args, kwargs) holds first sends `signum` to this process."""
     real, calls = getattr(owner, name), {"n": 0, "sent": 0}
 
+    @functools.wraps(real)
     def wrapper(*a, **k):
         calls["n"] += 1
         if not calls["sent"] and when(calls["n"], a, k):
@@ -257,16 +266,17 @@ def _moment(name: str, r: random.Random, out: Path):
     k = r.randint(1, MAX_STEPS - 1)
     j = r.randint(1, MAX_STEPS // 2 - 1)
     return {"setup": (sapo, "load_model", lambda n, a, kw: n == 1, None, -1),
-            "first evaluation": (sapo, "run_eval", lambda n, a, kw: n == 1, None, -1),
+            "first evaluation": (sapo, "evaluate", lambda n, a, kw: n == 1, None, -1),
             # make_negatives: call 1 writes the held-out negatives (setup), call 1 + k the negatives of step k
             "generation": (sapo, "make_negatives", lambda n, a, kw: n == 1 + k, k, -1),
             # three models per checkpoint, one every 2 steps: call 3(j-1)+2 is inside the checkpoint of step 2j
             "checkpoint write": (safetensors.torch, "save_model", lambda n, a, kw: n == 3 * (j - 1) + 2, 2 * j, 2),
             # the last step's held-out scoring (not the --eval-steps ones before it): steps 1..7 are logged by then
-            "last step": (sapo, "run_eval", lambda n, a, kw: not kw.get("full") and n > 1
+            "last step": (sapo, "evaluate", lambda n, a, kw: n > 1
                           and lines(out / "metrics.jsonl") == MAX_STEPS - 1, "end", -1),
-            "final save": (sapo, "save_final", lambda n, a, kw: True, "end", -1),
-            "final evaluation": (sapo, "run_eval", lambda n, a, kw: kw.get("full") and n > 1, "end", -1)}[name]
+            "final save": (sapo_utils.checkpoints, "save_final", lambda n, a, kw: True, "end", -1),
+            "final evaluation": (sapo, "evaluate", lambda n, a, kw: n > 1
+                                 and lines(out / "metrics.jsonl") == MAX_STEPS, "end", -1)}[name]
 
 
 MOMENTS = ("setup", "first evaluation", "generation", "checkpoint write", "last step", "final save",
@@ -301,7 +311,7 @@ def test_a_signal_at_each_moment(moment, monkeypatch, tmp_path, tiny_llama_dir, 
             ckpt = out / "checkpoints" / f"step-{expect:08d}"
             assert last_line(err) == (f"stopped at step {expect}; checkpoint {ckpt}; resume with the same command "
                                       "plus --resume"), why
-            assert sapo_io.latest_checkpoint(out / "checkpoints") == ckpt, why
+            assert sapo_utils.checkpoints.latest_checkpoint(out / "checkpoints") == ckpt, why
             assert metrics_rows(out) == metrics_rows(inproc_ref)[:expect], why
         rc, err = main(argv(tiny_llama_dir, data, out, "--resume", save_steps=save_steps), capfd)
         assert rc == 0, why + err
@@ -316,11 +326,11 @@ def test_a_signal_while_resuming_loses_nothing(monkeypatch, tmp_path, tiny_llama
     send_on_call(monkeypatch, sapo, "make_negatives", signal.SIGTERM, lambda n, a, kw: n == 1 + k)
     assert main(argv(tiny_llama_dir, data, out), capfd)[0] == 143
     monkeypatch.undo()
-    send_on_call(monkeypatch, sapo, "load_checkpoint", signum, lambda n, a, kw: True)
+    send_on_call(monkeypatch, sapo_utils.checkpoints, "load_checkpoint", signum, lambda n, a, kw: True)
     rc, err = main(argv(tiny_llama_dir, data, out, "--resume"), capfd)
     monkeypatch.undo()
     assert rc == 128 + signum and "stopped during setup" in last_line(err), f"SEED={SEED} {err}"
-    assert sapo_io.latest_checkpoint(out / "checkpoints").name == f"step-{k:08d}"
+    assert sapo_utils.checkpoints.latest_checkpoint(out / "checkpoints").name == f"step-{k:08d}"
     assert lines(out / "metrics.jsonl") == k and no_leftovers(out) == []
     assert main(argv(tiny_llama_dir, data, out, "--resume"), capfd)[0] == 0
     assert differences(inproc_ref, out) == [], f"SEED={SEED} k={k}"
@@ -375,7 +385,7 @@ def test_disk_full_at_a_checkpoint(kind, monkeypatch, tmp_path, tiny_llama_dir, 
     if kind != "torch.save":
         assert ": disk full; " in line
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
-    assert sapo_io.verify_checkpoint(out / "checkpoints" / "step-00000002") is None
+    assert sapo_utils.checkpoints.verify_checkpoint(out / "checkpoints" / "step-00000002") is None
     assert no_leftovers(out) == []
     assert main(argv(tiny_llama_dir, data, out, "--resume", save_steps=2), capfd)[0] == 0
     assert differences(inproc_ref, out) == []
@@ -393,7 +403,7 @@ def test_disk_full_at_the_final_save(monkeypatch, tmp_path, tiny_llama_dir, data
     rc, err = main(argv(tiny_llama_dir, data, out, save_steps=0), capfd)
     assert rc == 2 and last_line(err).startswith(f"error: {out}: cannot write final: disk full; it needs about "), err
     assert err.count("\n") == 1 and not (out / "final").exists() and no_leftovers(out) == []
-    assert sapo_io.latest_checkpoint(out / "checkpoints").name == f"step-{MAX_STEPS:08d}"
+    assert sapo_utils.checkpoints.latest_checkpoint(out / "checkpoints").name == f"step-{MAX_STEPS:08d}"
     monkeypatch.undo()
     assert main(argv(tiny_llama_dir, data, out, "--resume", save_steps=0), capfd)[0] == 0
     assert differences(inproc_ref, out) == []
@@ -406,9 +416,9 @@ def test_disk_full_at_the_final_save(monkeypatch, tmp_path, tiny_llama_dir, data
 def test_not_enough_free_space_is_refused_before_writing(monkeypatch, tmp_path):
     import collections
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(sapo_io.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(sapo.UserError) as e:
-        sapo.save_checkpoint(tmp_path, 1, {"policy": torch.nn.Linear(256, 256)}, {}, {}, keep=1)
+    monkeypatch.setattr(sapo_utils.checkpoints.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(sapo_utils.errors.UserError) as e:
+        sapo_utils.checkpoints.save_checkpoint(tmp_path, 1, {"policy": torch.nn.Linear(256, 256)}, {}, {}, keep=1)
     msg = str(e.value)
     assert msg.startswith(f"{tmp_path}: cannot write step-00000001: not enough free space; it needs about ")
     assert "1,000 bytes free" in msg and "\n" not in msg and list(tmp_path.iterdir()) == []
@@ -418,7 +428,7 @@ def test_unwritable_folder(monkeypatch, tmp_path):
     """A checkpoint into a folder that cannot be written: one line, the previous checkpoint intact. As root,
     chmod does not stop writes, so EACCES is simulated at the temporary folder's creation."""
     model = torch.nn.Linear(4, 4)
-    first = sapo.save_checkpoint(tmp_path, 1, {"policy": model}, {}, {}, keep=2)
+    first = sapo_utils.checkpoints.save_checkpoint(tmp_path, 1, {"policy": model}, {}, {}, keep=2)
     if os.geteuid() == 0:
         real_mkdir = Path.mkdir
 
@@ -430,12 +440,12 @@ def test_unwritable_folder(monkeypatch, tmp_path):
     else:
         tmp_path.chmod(0o500)
     try:
-        with pytest.raises(sapo.UserError) as e:
-            sapo.save_checkpoint(tmp_path, 2, {"policy": model}, {}, {}, keep=2)
+        with pytest.raises(sapo_utils.errors.UserError) as e:
+            sapo_utils.checkpoints.save_checkpoint(tmp_path, 2, {"policy": model}, {}, {}, keep=2)
     finally:
         tmp_path.chmod(0o700)
     assert str(e.value).startswith(f"{tmp_path}: cannot write step-00000002: Permission denied; it needs about ")
-    assert [p.name for p in tmp_path.iterdir()] == [first.name] and sapo_io.verify_checkpoint(first) is None
+    assert [p.name for p in tmp_path.iterdir()] == [first.name] and sapo_utils.checkpoints.verify_checkpoint(first) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,15 +454,15 @@ def test_unwritable_folder(monkeypatch, tmp_path):
 
 def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path, capsys):
     out = tmp_path / "o"
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sapo_io, "
-                               f"time; sapo_io.RunLock(sapo_io.Path({str(out)!r})).acquire(); print('held', "
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import pathlib, "
+                               f"time, sapo_utils.run; sapo_utils.run.RunLock(pathlib.Path({str(out)!r})).acquire(); print('held', "
                                "flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(sapo.UserError, match=f"another run is using this folder \\(pid {holder.pid} on "):
-        sapo_io.prepare_output_dir(out, True, False, {})
+    with pytest.raises(sapo_utils.errors.UserError, match=f"another run is using this folder \\(pid {holder.pid} on "):
+        sapo_utils.run.prepare_output_dir(out, True, False, {})
     holder.kill()
     holder.wait()
-    with sapo_io.prepare_output_dir(out, True, False, {}):
+    with sapo_utils.run.prepare_output_dir(out, True, False, {}):
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert f"taking over the lock of a run that is gone (pid {holder.pid} on {socket.gethostname()}" in \
         capsys.readouterr().out
@@ -463,7 +473,7 @@ def test_a_live_pid_is_a_stale_lock_only_if_it_started_later(tmp_path, capsys):
     """Containers restart their pids: a lock naming a live pid whose process started after the lock was written
     is stale; one naming the live process that wrote it is not; one from another host is never taken over."""
     host, pid = socket.gethostname(), os.getppid()
-    real_start = sapo_io._process_start(pid)
+    real_start = sapo_utils.run._process_start(pid)
     if real_start is None:
         pytest.skip("no /proc here")
     lock = tmp_path / ".lock"
@@ -472,19 +482,19 @@ def test_a_live_pid_is_a_stale_lock_only_if_it_started_later(tmp_path, capsys):
                          ({"pid": 2 ** 22 + 7, "host": host + "-elsewhere"}, False)]:
         lock.write_text(json.dumps({**other, "started": "earlier"}))
         if stale:
-            with sapo_io.prepare_output_dir(tmp_path, True, False, {}):
+            with sapo_utils.run.prepare_output_dir(tmp_path, True, False, {}):
                 assert "taking over the lock" in capsys.readouterr().out
             assert not lock.exists()
         else:
-            with pytest.raises(sapo.UserError, match=f"pid {other['pid']} on {other['host']}, started earlier"):
-                sapo_io.prepare_output_dir(tmp_path, True, False, {})
+            with pytest.raises(sapo_utils.errors.UserError, match=f"pid {other['pid']} on {other['host']}, started earlier"):
+                sapo_utils.run.prepare_output_dir(tmp_path, True, False, {})
             assert json.loads(lock.read_text())["pid"] == other["pid"]     # a refused run leaves it alone
 
 
 def test_an_unwritable_output_folder_is_one_line(monkeypatch, tmp_path):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(sapo_io, "_replace_text", denied)
-    with pytest.raises(sapo.UserError, match=f"{tmp_path / 'o'}: cannot write to the output folder: Permission"):
-        sapo_io.prepare_output_dir(tmp_path / "o", False, False, {})
+    monkeypatch.setattr(sapo_utils.run, "replace_text", denied)
+    with pytest.raises(sapo_utils.errors.UserError, match=f"{tmp_path / 'o'}: cannot write to the output folder: Permission"):
+        sapo_utils.run.prepare_output_dir(tmp_path / "o", False, False, {})
     assert not (tmp_path / "o" / ".lock").exists()

@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 from conftest import ROOT, write_jsonl
 
 import sapo
+import sapo_utils.checkpoints
+import sapo_utils.errors
+import sapo_utils.models
 
 ROWS = [{"prompt": f"How do I brew tea number {i}?", "chosen": "Pour hot water over the leaves, wait three minutes, "
          "then remove them."} for i in range(16)]
@@ -74,7 +77,7 @@ def test_nonfinite_step_is_skipped(monkeypatch, tmp_path, tiny_llama_dir):
     sapo.train(cfg)
     metrics = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [m["nonfinite/skipped"] for m in metrics] == [0, 1, 1]
-    final = sapo.load_model(str(tmp_path / "o" / "final"))
+    final = sapo_utils.models.load_model(str(tmp_path / "o" / "final"))
     assert all(torch.isfinite(p).all() for p in final.parameters())
 
 
@@ -83,9 +86,9 @@ def test_nonfinite_step_can_stop(monkeypatch, tmp_path, tiny_llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = sapo.Config(model=str(tiny_llama_dir), dataset=str(data), output_dir=str(tmp_path / "o"), max_steps=3,
                       batch_size=2, segment_len=6, eval_size=2, save_steps=1, on_nonfinite="stop")
-    with pytest.raises(sapo.UserError, match="non-finite loss or gradient at step 2"):
+    with pytest.raises(sapo_utils.errors.UserError, match="non-finite loss or gradient at step 2"):
         sapo.train(cfg)
-    assert sapo.latest_checkpoint(tmp_path / "o" / "checkpoints").name == "step-00000001"
+    assert sapo_utils.checkpoints.latest_checkpoint(tmp_path / "o" / "checkpoints").name == "step-00000001"
     assert not (tmp_path / "o" / "final").exists()
 
 
@@ -93,8 +96,8 @@ def test_nan_weights_are_never_saved(tmp_path):
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    with pytest.raises(sapo.UserError, match="NaN/inf"):
-        sapo.save_checkpoint(tmp_path, 1, {"policy": model}, {}, {}, keep=1)
+    with pytest.raises(sapo_utils.errors.UserError, match="NaN/inf"):
+        sapo_utils.checkpoints.save_checkpoint(tmp_path, 1, {"policy": model}, {}, {}, keep=1)
     assert not any(tmp_path.iterdir())
 
 
@@ -114,14 +117,14 @@ row_like = st.fixed_dictionaries({}, optional={
 
 @pytest.fixture(scope="module")
 def tok(tiny_llama_dir):
-    return sapo.load_tokenizer(str(tiny_llama_dir))
+    return sapo_utils.models.load_tokenizer(str(tiny_llama_dir))
 
 
 def load_or_user_error(path, tok):
     try:
         examples = sapo.load_examples(str(path), tok, max_length=128, max_prompt_length=64, verbose=False)
         assert examples and all(e.chosen_ids[-1] == tok.eos_token_id for e in examples)
-    except sapo.UserError as e:
+    except sapo_utils.errors.UserError as e:
         msg = str(e)
         assert "\n" not in msg and str(path) in msg
 
@@ -153,11 +156,11 @@ def test_non_causal_model_and_tokenizer_without_eos(tmp_path, tiny_llama_dir, ca
     BertModel(BertConfig(vocab_size=400, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(bert)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(bert)
-    with pytest.raises(sapo.UserError, match="model '.*bert'"):
-        sapo.load_model(str(bert))
+    with pytest.raises(sapo_utils.errors.UserError, match="model '.*bert'"):
+        sapo_utils.models.load_model(str(bert))
     no_eos = tmp_path / "no_eos"
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tok.eos_token, tok.pad_token = None, None
     tok.save_pretrained(no_eos)
-    with pytest.raises(sapo.UserError, match="no EOS token"):
-        sapo.load_tokenizer(str(no_eos))
+    with pytest.raises(sapo_utils.errors.UserError, match="no EOS token"):
+        sapo_utils.models.load_tokenizer(str(no_eos))

@@ -13,7 +13,10 @@ import torch
 from conftest import ROOT, write_jsonl
 
 import sapo
-import sapo_io
+import sapo_utils.checkpoints
+import sapo_utils.data
+import sapo_utils.errors
+import sapo_utils.models
 
 # ---------------------------------------------------------------------------------------------------
 # Losses, computed by hand
@@ -70,7 +73,7 @@ def test_log1mexp_stable_at_both_ends():
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
-    model, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
+    model, tok = sapo_utils.models.load_model_and_tokenizer(str(tiny_llama_dir))
     return model.eval(), tok
 
 
@@ -102,72 +105,6 @@ def test_prompt_tokens_are_context_not_targets(llama):
     batch = sapo.collate([([5, 6, 7], [9, 10]), ([5, 6, 8], [9, 10])], tok.pad_token_id, "cpu")
     assert batch["loss_mask"].sum(-1).tolist() == [2, 2]
     assert batch["loss_mask"][0].tolist() == [False, False, False, True, True]
-
-
-def test_full_logits_fallback_agrees(llama):
-    model, tok = llama
-    batch = sapo.collate([([5, 6, 7], [9, 10, 11, 12])], tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        head_only, _ = sapo.sequence_logps(model, **batch)
-        model._sapo_head_only = False
-        try:
-            full, _ = sapo.sequence_logps(model, **batch)
-        finally:
-            model._sapo_head_only = True
-    assert torch.allclose(head_only, full, atol=1e-5)
-
-
-def _tuples(V, rng):
-    """(x, y+, y-) tuples covering the cases: a SAPO splice, y- = y+, y- a prefix of y+, no shared response token."""
-    r = lambda n: [rng.randrange(3, V) for _ in range(n)]  # noqa: E731
-    y = r(9)
-    return [{"prompt_ids": r(4), "chosen_ids": y, "rejected_ids": y[:3] + r(4) + y[7:]},
-            {"prompt_ids": r(2), "chosen_ids": y, "rejected_ids": list(y)},
-            {"prompt_ids": r(6), "chosen_ids": y, "rejected_ids": y[:2]},
-            {"prompt_ids": r(3), "chosen_ids": r(5), "rejected_ids": r(11)},
-            {"prompt_ids": r(2), "chosen_ids": [1, 2], "rejected_ids": [2, 1, 1]}]   # packs into the 2nd tuple's row
-
-
-@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_gpt2_dir"])
-def test_shared_prefix_rows_equal_two_rows(which, request):
-    """One segment [x, y+, y-[k:]] per tuple with a 4D mask, short segments packed into one row, gives the two-row
-    sums, counts and gradients (Llama: RoPE; GPT-2: learned positions)."""
-    model, tok = sapo_io.load_model_and_tokenizer(str(request.getfixturevalue(which)))
-    model.eval()
-    batch = _tuples(model.config.vocab_size, random.Random(0))
-    assert sapo._shared_prefix_ok(model)
-    L = sapo.shared_prefix_layout(batch, tok.pad_token_id)
-    assert len(L["ids"]) == len(batch) - 1 and L["row_of"].unique().numel() == len(batch) - 1
-    assert len(sapo.shared_prefix_layout(batch, tok.pad_token_id, pack=False)["ids"]) == len(batch)
-    grads = []
-    for shared in (True, False):
-        model._sapo_shared_prefix = shared
-        model.zero_grad()
-        out = sapo.preference_logps(model, batch, tok.pad_token_id, "cpu")
-        (out[0] - 2 * out[1]).sum().backward()
-        grads.append((out, [p.grad.clone() for p in model.parameters()]))
-    (a, ga), (b, gb) = grads
-    assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
-    assert a[2].tolist() == b[2].tolist() == [9, 9, 9, 5, 2] and a[3].tolist() == b[3].tolist() == [9, 9, 2, 11, 3]
-    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb))
-    for i, t in enumerate(batch):   # and each sum is the plain full-logits computation
-        assert a[0][i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["chosen_ids"]), abs=1e-4)
-        assert a[1][i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["rejected_ids"]), abs=1e-4)
-
-
-def test_shared_prefix_falls_back_when_the_mask_is_ignored(tiny_llama_dir):
-    """A model whose attention ignores a custom 4D mask (e.g. some fused kernels) is detected once, and gets the
-    two-row forward, so the numbers stay right."""
-    model, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
-    model.eval()
-    body = model.base_model.forward
-    model.base_model.forward = lambda input_ids=None, attention_mask=None, position_ids=None, **kw: body(input_ids=input_ids, **kw)
-    assert not sapo._shared_prefix_ok(model)
-    batch = _tuples(model.config.vocab_size, random.Random(1))
-    with torch.no_grad():
-        pos, neg, _, _ = sapo.preference_logps(model, batch, tok.pad_token_id, "cpu")
-    for i, t in enumerate(batch):
-        assert neg[i].item() == pytest.approx(reference_logp(model, t["prompt_ids"], t["rejected_ids"]), abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,12 +158,13 @@ def test_splice_negative_keeps_suffix_or_stops_at_eos():
 def test_make_negatives_invariants(llama):
     model, tok = llama
     rng = random.Random(0)
-    stop = sapo.stop_token_ids(model, tok)
+    stop = sapo_utils.models.stop_token_ids(model, tok)
     examples = [sapo.Example([5, 6, 7, 8][: 2 + i % 3], [20 + (j * 7 + i) % 300 for j in range(n)] + [tok.eos_token_id])
                 for i, n in enumerate([2, 5, 30, 40, 60, 80])]
     torch.manual_seed(0)
     for _ in range(3):
-        tuples = sapo.make_negatives(model, examples, 8, 256, rng, tok.pad_token_id, stop, temperature=1.5)
+        tuples = sapo.make_negatives(model, examples, 8, 256, rng, tok.pad_token_id, stop,
+                                     sapo.segment_sampling(1.5, 50, 0.95))
         for e, tpl in zip(examples, tuples):
             y_pos, y_neg, t, k = e.chosen_ids, tpl["rejected_ids"], tpl["t"], tpl["segment_len"]
             assert tpl["chosen_ids"] == y_pos                        # y+ is never truncated
@@ -292,16 +230,16 @@ def test_buffer_uniform_and_state_roundtrip():
 
 
 def test_row_formats():
-    p, c, r = sapo_io.parse_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "f:1")
+    p, c, r = sapo_utils.data.parse_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "f:1")
     assert p == [{"role": "user", "content": "Hi"}] and c == "Hello" and r == "Go away"
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A?"},
             {"role": "assistant", "content": "B."}, {"role": "user", "content": "C?"}, {"role": "assistant", "content": "D."}]
-    p, c, r = sapo_io.parse_row({"messages": msgs}, "f:2")
+    p, c, r = sapo_utils.data.parse_row({"messages": msgs}, "f:2")
     assert p == msgs[:-1] and c == "D." and r is None
-    p, c, r = sapo_io.parse_row({"prompt": msgs[:2], "chosen": [{"role": "assistant", "content": "B."}]}, "f:3")
+    p, c, r = sapo_utils.data.parse_row({"prompt": msgs[:2], "chosen": [{"role": "assistant", "content": "B."}]}, "f:3")
     assert p == msgs[:2] and c == "B."
     # capybara-style: `prompt` is the first user turn only, `chosen`/`rejected` are whole conversations
-    p, c, r = sapo_io.parse_row({"prompt": "A?", "chosen": msgs[1:], "rejected": msgs[1:4] + [{"role": "assistant", "content": "E."}]}, "f:4")
+    p, c, r = sapo_utils.data.parse_row({"prompt": "A?", "chosen": msgs[1:], "rejected": msgs[1:4] + [{"role": "assistant", "content": "E."}]}, "f:4")
     assert p == msgs[1:4] and c == "D." and r == "E."
 
 
@@ -315,7 +253,7 @@ def test_multi_turn_prompt_holds_every_turn(llama):
 
 
 def test_plain_format_without_chat_template(tiny_gpt2_dir):
-    _, tok = sapo_io.load_model_and_tokenizer(str(tiny_gpt2_dir))
+    _, tok = sapo_utils.models.load_model_and_tokenizer(str(tiny_gpt2_dir))
     assert tok.pad_token_id == tok.eos_token_id                  # gpt2-like: pad token added
     x = sapo.encode_prompt(tok, [{"role": "user", "content": "tea?"}])
     assert tok.decode(x) == "User: tea?\n\nAssistant:"
@@ -367,7 +305,7 @@ def test_bad_files_and_models(tmp_path, tiny_llama_dir, capsys):
 
 def test_some_long_examples_are_skipped_and_counted(tmp_path, tiny_llama_dir, capsys):
     rows = [{"prompt": "tea " * 100, "chosen": "b"}] + [{"prompt": f"tea {i}?", "chosen": "hot water."} for i in range(10)]
-    _, tok = sapo_io.load_model_and_tokenizer(str(tiny_llama_dir))
+    _, tok = sapo_utils.models.load_model_and_tokenizer(str(tiny_llama_dir))
     ex = sapo.load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, max_length=64, max_prompt_length=32)
     assert len(ex) == 10 and "skipped 1 prompts longer than --max-prompt-length=32" in capsys.readouterr().out
 
@@ -441,7 +379,7 @@ def test_baselines_are_configurations_of_the_loop(method, tiny_llama_dir, tmp_pa
 
 
 def test_offline_methods_need_rejected(tiny_llama_dir, small_jsonl, tmp_path):
-    with pytest.raises(sapo.UserError, match="needs a 'rejected'"):
+    with pytest.raises(sapo_utils.errors.UserError, match="needs a 'rejected'"):
         sapo.train(tiny_cfg(tiny_llama_dir, small_jsonl, tmp_path / "out", method="dpo"))
 
 
@@ -484,9 +422,9 @@ def test_corrupt_checkpoint_is_skipped(tiny_llama_dir, small_jsonl, tmp_path, ca
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
     with open(newest / "policy.safetensors", "r+b") as fh:
         fh.truncate(100)
-    assert sapo.latest_checkpoint(out / "checkpoints").name == "step-00000002"
+    assert sapo_utils.checkpoints.latest_checkpoint(out / "checkpoints").name == "step-00000002"
     assert "does not match its manifest" in capsys.readouterr().out
-    assert sapo_io.verify_checkpoint(newest) is not None
+    assert sapo_utils.checkpoints.verify_checkpoint(newest) is not None
 
 
 # ---------------------------------------------------------------------------------------------------

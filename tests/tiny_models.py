@@ -4,7 +4,10 @@ Each is hidden 32, 2 layers, with the conftest byte-level BPE tokenizer (vocab ~
 the architecture's config has set > 0, so that sapo's dropout switch-off is exercised. With chat=True the tokenizer
 carries the ChatML template (like instruct models); without, it has no template and no pad token (like base models).
 """
+import random
 from pathlib import Path
+
+import torch
 
 from conftest import CHATML, _tokenizer
 
@@ -70,3 +73,52 @@ def make_tiny(arch: str, path: Path, chat: bool = False, seed: int = 0, **overri
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# (architecture, chat template?): instruct-style families with ChatML, base-style ones without; a few both ways
+CASES = [("gpt2", False), ("gpt2", True), ("gpt_neox", False), ("opt", False), ("llama", True), ("llama", False),
+         ("mistral", True), ("qwen2", True), ("qwen2", False), ("qwen3", True), ("gemma", True), ("gemma2", True),
+         ("phi3", True), ("olmo", False), ("stablelm", False), ("falcon", False), ("gptj", False), ("bloom", False),
+         ("phi", False)]
+IDS = [f"{a}-{'chat' if c else 'plain'}" for a, c in CASES]
+SOFT_CAPPED = {"gemma2"}       # final_logit_softcapping set: lm_head(body(x)) is not the model's logits
+assert {a for a, _ in CASES} == set(ARCHITECTURES)
+
+
+def load(path):
+    """The model as train() holds it (loaded, dropout switched off: sapo_utils.models.disable_dropout), and its
+    tokenizer."""
+    import sapo_utils.models
+    model = sapo_utils.models.load_model(str(path))
+    sapo_utils.models.disable_dropout(model)
+    return model, sapo_utils.models.load_tokenizer(str(path))
+
+
+def hand_tuples(V, eos, seed=0):
+    """(x, y+, y-) tuples: a SAPO splice with suffix, an EOS-ended negative, y- = y+, no shared response token, and a
+    short one that shares a packed row with the y- = y+ tuple."""
+    rng = random.Random(seed)
+    r = lambda n: [rng.randrange(3, V) for _ in range(n)]  # noqa: E731
+    y = r(8) + [eos]
+    return [{"prompt_ids": r(5), "chosen_ids": y, "rejected_ids": y[:3] + r(3) + y[6:]},
+            {"prompt_ids": r(3), "chosen_ids": y, "rejected_ids": y[:2] + r(2) + [eos]},
+            {"prompt_ids": r(4), "chosen_ids": y, "rejected_ids": list(y)},
+            {"prompt_ids": r(2), "chosen_ids": r(4) + [eos], "rejected_ids": r(7) + [eos]},
+            {"prompt_ids": r(2), "chosen_ids": [3, eos], "rejected_ids": [4, 5]}]
+
+
+def full_logits_logp(model, x, y):
+    """The plain computation: one unpadded row, the model's own logits, log_softmax, sum over y."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([x + y])).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(x) - 1 + j, y[j]].item() for j in range(len(y)))
+
+
+
+
+def paths(model) -> tuple[bool, bool]:
+    """(head-only logits?, packed shared-prefix rows?): the speed-ups this model passes the checks for."""
+    import sapo
+    import sapo_fast
+    return sapo_fast.head_only_ok(model), sapo_fast.packing_ok(model, sapo.preference_logps)
