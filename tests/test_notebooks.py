@@ -65,7 +65,9 @@ def code_sources(nb) -> str:
     return "\n".join(lines)
 
 
-GUARDED = ("sapo", "sapo_io", "tasks.ifeval_lite")   # the algorithm, its plumbing, the bundled task
+GUARDED = ("sapo", "sapo_fast", "sapo_utils.cli", "sapo_utils.data", "sapo_utils.models", "sapo_utils.report",
+           "sapo_utils.run", "sapo_utils.checkpoints", "sapo_utils.optim", "sapo_utils.evaluation",
+           "tasks.ifeval_lite")   # the algorithm, its speed-ups, its plumbing, the bundled task
 
 
 def sapo_names() -> set[str]:
