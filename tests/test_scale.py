@@ -22,11 +22,13 @@ What is compared, and how tightly (measured on the 2-core dev machine, fp32):
     (to bf16 rounding).
   - Non-finite steps: the recipe run in this process with a NaN loss injected at step 2 skips that optimizer
     step (policy saved after step 2 == after step 1, bit for bit), counts it and goes on.
-  - Pieces, in process: torchtune log-probs == sapo.sequence_logps on the transformers model (1e-4 relative
-    on sums of ~100 tokens); greedy KV-cached segments == transformers' generate; per-row seeded sampling does
-    not depend on the batch; the top-k / top-p kept sets == transformers' warpers; the tiktoken tokenizer
-    (a file the test writes) gives the same ids as transformers' tokenizer and chat template on all bundled
-    rows; the SentencePiece (Mistral) split of x / y+.
+  - Pieces, in process: sapo.preference_logps with the torchtune forward as its logits_at, and the packed
+    torchtune layout, == sapo.preference_logps on the transformers model (1e-4 relative on sums of ~100 tokens);
+    greedy KV-cached segments == transformers' generate; per-row seeded sampling does not depend on the batch;
+    the top-k / top-p kept sets == transformers' warpers, and sapo_fast.TopKTopPSampler draws from the same
+    distribution; the tiktoken tokenizer (a file the test writes) gives the same ids as transformers' tokenizer
+    and chat template on all bundled rows; the SentencePiece (Mistral) split of x / y+; dataset.columns maps rows
+    as sapo.py's --columns does; the recipe defines no function or class under a core name.
   - Configs: every YAML passes torchtune's config.validate and the recipe's check_config; the 7-8B configs
     build their models and FSDP2 sharding plan on the meta device (no memory, no weights).
   - GPU: one tiny bf16-mixed run, skipped without CUDA.

@@ -16,7 +16,7 @@ What each test shows (CPU, 2 cores; tune run on 2 gloo processes where it says s
   - fsdp_reshard_after_forward False with full fine-tuning is supported (it applies to the policy; the EMA and
     reference always reshard): 2 processes give the same per-step losses as the default.
   - One row per tuple: torchtune's decoder with the 4D mask and input_pos gives the two-row log-probs; a model
-    that ignores the mask fails the check and falls back to two rows.
+    that ignores the mask or input_pos fails the check and falls back to two rows.
   - Dropout (attn_dropout 0.3 in the builder): disabled in every model, so step 1's DPO loss is exactly log 2.
   - Reference refresh: at the start of every ref_update_steps-th step, right after its EMA update, the reference
     equals the EMA; between refreshes it is untouched.
