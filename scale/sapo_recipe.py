@@ -35,8 +35,9 @@ One optimizer step on W processes, each with a micro-batch of B prompts (every p
         segments packed into shared rows (sapo_fast.shared_prefix_layout), with torchtune's mask and input_pos;
         two rows per tuple (sapo.preference_logps) where the model fails the check; backward; FSDP averages
         gradients over processes.
-  3. clip, optimizer step, LR schedule (sapo_utils.optim.lr_lambda); all processes agree (one all-reduce) whether
-     a SIGTERM / SIGINT arrived: if so, checkpoint and exit 143 / 130 after this step.
+  3. clip, optimizer step unless the loss or gradient is NaN/inf (sapo_utils.optim.guarded_step), LR schedule
+     (sapo_utils.optim.lr_lambda); all processes agree (one all-reduce) whether a SIGTERM / SIGINT arrived: if
+     so, checkpoint and exit 143 / 130 after this step.
 So W processes with batch_size B compute what sapo.py computes with --batch-size B*W (tests/test_scale.py
 checks per-step losses against a sapo.py run).
 
@@ -113,7 +114,7 @@ import sapo  # noqa: E402
 import sapo_fast  # noqa: E402
 from sapo_utils.data import PromptStream, parse_columns, parse_rows, read_rows  # noqa: E402
 from sapo_utils.errors import Stopped, UserError  # noqa: E402
-from sapo_utils.optim import make_scheduler  # noqa: E402
+from sapo_utils.optim import guarded_step, make_scheduler  # noqa: E402
 from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E402
 from sapo_utils.run import StopSignals  # noqa: E402
 
@@ -767,9 +768,9 @@ class SAPORecipe(FTRecipeInterface):
             mine = range(self.rank * self.B, (self.rank + 1) * self.B)
             n_steps = max(max_new_tokens)            # the same on every process: all of them decode as long
             cache_dtype = self.compute_dtype if self.mixed else next(model.parameters()).dtype
+            seeds = [row_seed(self.seed, self.step, micro, i) for i in mine]
             segments = torchtune_generate(model, [contexts[i] for i in mine], [max_new_tokens[i] for i in mine],
-                                          pad_id, stop_ids, sampling, [row_seed(self.seed, self.step, micro, i) for i in mine],
-                                          n_steps, cache_dtype, self.device)
+                                          pad_id, stop_ids, sampling, seeds, n_steps, cache_dtype, self.device)
             if self.world_size == 1:
                 return segments
             padded = torch.full((self.B, n_steps), -1, dtype=torch.long, device=self.device)
@@ -821,7 +822,7 @@ class SAPORecipe(FTRecipeInterface):
         if self.device.type == "cuda":
             training.cleanup_before_training()   # (it calls torch.cpu.empty_cache, which does not exist)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = float(cfg.get("clip_grad_norm") or float("inf"))
+        max_norm = float(cfg.get("clip_grad_norm") or 0)   # 0: no clipping
         save_every = int(cfg.get("save_every_n_steps") or 0)
         mine = slice(self.rank * self.B, (self.rank + 1) * self.B)
         release_host_memory()      # what loading (a resumed checkpoint) freed
@@ -880,18 +881,13 @@ class SAPORecipe(FTRecipeInterface):
                                                  room)
         # (5) the optimizer step; a NaN/inf loss or gradient skips it (sapo.py's --on-nonfinite), on every
         # process alike: the gradient norm and the averaged loss are the same everywhere
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         metrics = self._mean_over_processes({k: sum(m[k] for m in accum) / len(accum) for k in accum[0]})
-        if math.isfinite(grad_norm.item()) and math.isfinite(metrics["loss"]):
-            self.optimizer.step()
-        elif cfg.get("on_nonfinite", "skip") == "stop":
-            raise RuntimeError(f"non-finite loss or gradient at step {self.step + 1} (loss {metrics['loss']}); "
-                               "lower the lr, or set on_nonfinite=skip; the last checkpoint is intact")
-        else:   # skip: the weights stay as they were, the step still counts
-            self.skipped += 1
+        grad_norm, skipped = guarded_step(self.optimizer, trainable, max_norm, [metrics["loss"]],
+                                          cfg.get("on_nonfinite", "skip"), self.step)
+        self.skipped += skipped   # a skipped step leaves the weights as they were, and still counts
         self.scheduler.step()
         self.step += 1
-        metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+        metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "nonfinite/skipped": self.skipped,
                         "buffer/size": len(self.buffer), "gen/tokens_per_s": gen_tokens / max(gen_time, 1e-9),
                         "time/step_s": time.perf_counter() - t0})
