@@ -47,31 +47,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import random
 import sys
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypedDict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import sapo_fast
-from sapo_utils.cli import RunOptions, check_config, load_task, option, parse_args
-from sapo_utils.data import (BUNDLED_HELDOUT, BUNDLED_TRAIN, PromptStream, parse_rows,
-                             read_rows)
-from sapo_utils.errors import Stopped, UserError
+from sapo_utils import cli
+from sapo_utils.cli import RunOptions, option
+from sapo_utils.data import (BUNDLED_HELDOUT, BUNDLED_TRAIN, PromptStream, held_out_split,
+                             parse_rows, read_rows)
+from sapo_utils.errors import UserError
 from sapo_utils.models import (BUNDLED_MODEL, disable_dropout, load_model, load_tokenizer,
                                pick_device, stop_token_ids)
-from sapo_utils.evaluation import HeldOut
+from sapo_utils.evaluation import GREEDY, HeldOut, task_scores  # noqa: F401 (GREEDY: sapo.GREEDY)
 from sapo_utils.optim import guarded_step, make_optimizer, make_scheduler
-from sapo_utils.report import print_summary
-from sapo_utils.run import Run
+from sapo_utils.report import step_metrics
+from sapo_utils.run import Run, seed_everything
 
 # transformers imports torchao when it is installed (scale/ needs it): its CPU notice is noise
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -143,15 +141,6 @@ class Config(RunOptions):
                              "skipped (authors: 2048)")
     max_prompt_length: int = option(384, "longest prompt in tokens; longer ones are skipped "
                                     "(authors: 1792)")
-    precision: str = option("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; the "
-                            "bundled model's 4-bit-grid weights need fp32: README) | bf16",
-                            choices=("fp32", "bf16-mixed", "bf16"))
-    generator_dtype: str = option("auto", "weights that write segments: auto = a bf16 copy "
-                                  "where bf16 is native (CUDA, AVX512-BF16, AMX) or training "
-                                  "is bf16", choices=("auto", "fp32", "bf16"))
-    plain: bool = option(False, "the plain path of this file only, without sapo_fast.py's "
-                         "speed-ups (same numbers to float rounding, slower)")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward")
 
 
 # --- 2. Data: rows -> token ids (x in the chat format, y+ ending with EOS) -----------------------
@@ -211,24 +200,16 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
 
 
 def load_data(cfg: Config, tok, needs_rejected: bool):
-    """(training examples, held-out examples). Held-out prompts come from --eval-dataset (or the
-    bundled held-out file), else --eval-size prompts are held out of --dataset."""
-    examples = load_examples(cfg.dataset, tok, cfg.max_length, cfg.max_prompt_length,
-                             cfg.dataset_split, columns=cfg.columns)
+    """(training examples, held-out examples): sapo_utils.data.held_out_split picks the
+    held-out prompts (--eval-dataset, the bundled held-out file, or --eval-size of --dataset)."""
+    def load(source, split="train", columns="", verbose=True):
+        return load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, split,
+                             verbose, columns)
+    examples = load(cfg.dataset, cfg.dataset_split, cfg.columns)
     if needs_rejected and any(e.rejected_ids is None for e in examples):
         raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response "
                         "in every row")
-    eval_source = cfg.eval_dataset
-    if not eval_source and Path(cfg.dataset) == BUNDLED_TRAIN:
-        eval_source = str(BUNDLED_HELDOUT)
-    if eval_source:
-        columns = cfg.columns if cfg.eval_dataset else ""
-        held_out = load_examples(eval_source, tok, cfg.max_length, cfg.max_prompt_length,
-                                 verbose=False, columns=columns)
-        return examples, held_out[: cfg.eval_size]
-    random.Random(cfg.seed).shuffle(examples)
-    n_eval = min(cfg.eval_size, len(examples) // 5)
-    return examples[: len(examples) - n_eval], examples[len(examples) - n_eval:]
+    return held_out_split(cfg, examples, load)
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
@@ -396,9 +377,6 @@ def splice_negative(y_pos: list[int], t: int, G: int, segment: list[int], stop_i
 def segment_sampling(temperature: float, top_k: int, top_p: float) -> dict:
     """generate's arguments for a segment (authors: temperature 0.7, top_k 50, top_p 0.95)."""
     return {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-
-
-GREEDY = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
 
 
 @torch.no_grad()
@@ -581,46 +559,14 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
                            "chosen_per_token": avg_pos.tolist()}}
 
 
-def task_scores(model, tok, examples: list[Example], task, stop_ids, max_new_tokens: int,
-                generate=generate_segments, batch_size: int = 16) -> dict:
-    """Greedy answers to the held-out prompts the task can score, and its scores as eval/*."""
-    scorable = getattr(task, "scorable", lambda row: True)
-    rows = [e for e in examples if e.row is not None and scorable(e.row)]
-    if not rows:
-        return {}
-    answers = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i: i + batch_size]
-        outs = generate(model, [e.prompt_ids for e in chunk], [max_new_tokens] * len(chunk),
-                        tok.pad_token_id, stop_ids, GREEDY)
-        answers += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
-    scores = task.score(answers, [e.row for e in rows])
-    numbers = {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
-    return {**numbers, "responses": answers}
-
-
-def held_out(cfg: Config, tok, examples, task, stop_ids, ops: Ops, device, policy,
-             negatives: dict) -> HeldOut:
-    """The held-out measures as functions of a model, for sapo_utils.evaluation.HeldOut:
-    rewards and log-probs against negatives written once by pi_0 (with their own seed), and
-    the task's scores of greedy answers. Either is None when off."""
-    tuples = []
-    if cfg.eval_logps and examples:
-        with autocast(cfg, device):
-            rng = random.Random(cfg.seed + 1)
-            tuples = make_negatives(policy, examples, rng=rng, **negatives)
-
-    def measures(model, start):
-        with autocast(cfg, device):
-            return evaluate(model, tuples, tok.pad_token_id, device, cfg.beta, start,
-                            cfg.batch_size, ops.preference_logps)
-
-    def answers(model):
-        with autocast(cfg, device):
-            return task_scores(model, tok, examples, task, stop_ids, cfg.eval_max_new_tokens,
-                               ops.answer)
-    return HeldOut(measures if tuples else None, answers if task and examples else None,
-                   cfg.max_steps, cfg.eval_steps, cfg.task_eval_steps)
+def held_out_negatives(cfg: Config, policy, examples: list[Example], negatives: dict):
+    """Negatives for the held-out prompts, written once by the starting model with their own
+    seed, so that every evaluation compares the same tuples (none without --eval-logps)."""
+    if not (cfg.eval_logps and examples):
+        return []
+    with autocast(cfg, policy.device):
+        rng = random.Random(cfg.seed + 1)
+        return make_negatives(policy, examples, rng=rng, **negatives)
 
 
 # --- 10. The training loop -----------------------------------------------------------------------
@@ -700,12 +646,6 @@ def spin_period(cfg: Config, recipe: Recipe) -> int:
     return math.ceil(cfg.max_steps / cfg.spin_iterations)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(cfg: Config, task=None, on_step=None) -> dict:
     """Run a method as configured: the paper's Algorithm 1, steps (1)-(7). Returns the
     before/after evaluation and the last step's metrics. task: a scorer from tasks/, or None.
@@ -729,8 +669,9 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
         scheduler = make_scheduler(optimizer, cfg.schedule, warmup, cfg.max_steps)
         buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
         run.say("writing the held-out negatives")
-        heldout = held_out(cfg, tok, eval_examples, task, stop_ids, ops, device, policy,
-                           negatives)
+        eval_tuples = held_out_negatives(cfg, policy, eval_examples, negatives)
+        heldout = HeldOut(cfg, tok, eval_examples, eval_tuples, task, stop_ids, ops, device,
+                          lambda: autocast(cfg, device), evaluate)
         loop = {"step": 0, "before": None, "spin_negatives": [], "skipped": 0,
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
         run.start(models, optimizer, scheduler, rng, device, loop, heldout)
@@ -784,18 +725,11 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
             scheduler.step()
             loop["skipped"] += skipped
             loop["step"] = step = step + 1
-            metrics = step_metrics(accum, step, scheduler.get_last_lr()[0], grad_norm, loop)
+            metrics = step_metrics(accum, step=step, lr=scheduler.get_last_lr()[0],
+                                   grad_norm=grad_norm, skipped=loop["skipped"], buffer=buffer)
             run.end_step(step, policy, metrics, tok, fresh_tuples, recipe.negatives)
         run.finish(policy, tok, dropout_rates)
         return run.summary(tok, eval_examples, heldout.score(policy))
-
-
-def step_metrics(accum: list[dict], step: int, lr: float, grad_norm: float, loop) -> dict:
-    """The micro-batches' metrics averaged, with the step's bookkeeping."""
-    metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]} if accum else {}
-    metrics.update({"step": step, "lr": lr, "grad_norm": grad_norm,
-                    "nonfinite/skipped": loop["skipped"], "buffer/size": len(loop["buffer"])})
-    return metrics
 
 
 # --- 11. Command line ----------------------------------------------------------------------------
@@ -825,28 +759,10 @@ def evaluate_model(cfg: Config, task=None) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(Config, argv, "SAPO: Self-Augmented Preference Optimization.",
-                     epilog="held-out evaluation:\n" + evaluate.__doc__)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()   # the terminal is for our progress bar and metrics
-    try:
-        check_config(cfg)
-        task = load_task(cfg.task)
-        if cfg.eval_only:
-            result = evaluate_model(cfg, task)
-            result.pop("responses", None)
-            print(json.dumps(result, indent=1))
-            return 0
-        summary = train(cfg, task)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (Stopped, KeyboardInterrupt) as e:   # Ctrl-C while reading data, before the handlers
-        print(str(e) or "interrupted (SIGINT) before the run started; nothing was written",
-              file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)
-    print_summary(summary)
-    return 0
+    """python sapo.py [flags]: sapo_utils.cli.main runs train (or --eval-only) on the flags."""
+    return cli.main(Config, train, evaluate_model, argv,
+                    "SAPO: Self-Augmented Preference Optimization.",
+                    "held-out evaluation:\n" + evaluate.__doc__)
 
 
 if __name__ == "__main__":

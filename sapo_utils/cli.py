@@ -21,6 +21,16 @@ def option(default, help, **kw):
 @dataclass
 class RunOptions:
     """Where a run reads and writes, how it is evaluated, logged and checkpointed."""
+    # how it computes
+    precision: str = option("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; the "
+                            "bundled model's 4-bit-grid weights need fp32: README) | bf16",
+                            choices=("fp32", "bf16-mixed", "bf16"))
+    generator_dtype: str = option("auto", "weights that write segments: auto = a bf16 copy "
+                                  "where bf16 is native (CUDA, AVX512-BF16, AMX) or training "
+                                  "is bf16", choices=("auto", "fp32", "bf16"))
+    plain: bool = option(False, "the plain path of sapo.py only, without sapo_fast.py's "
+                         "speed-ups (same numbers to float rounding, slower)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward")
     # data and model plumbing
     columns: str = option("", "other row layouts as field=column pairs (prompt=question,"
                           "chosen=answer); applies to --dataset and --eval-dataset")
@@ -127,3 +137,34 @@ def check_config(cfg) -> None:
     for name in ("warmup_steps", "eval_steps", "task_eval_steps"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+def main(config_cls, train, evaluate_model, argv=None, description="", epilog="") -> int:
+    """The command line around a trainer: parse and check the flags, load the task, then train
+    (or, with --eval-only, print the evaluation as JSON). A user's mistake is one line on stderr
+    and exit status 2; a stop signal exits with 128 + its number."""
+    import json
+    import sys
+    from sapo_utils.errors import Stopped
+    from sapo_utils.report import print_summary
+    cfg = parse_args(config_cls, argv, description, epilog)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # the terminal is for our progress bar and metrics
+    try:
+        check_config(cfg)
+        task = load_task(cfg.task)
+        if cfg.eval_only:
+            result = evaluate_model(cfg, task)
+            result.pop("responses", None)
+            print(json.dumps(result, indent=1))
+            return 0
+        summary = train(cfg, task)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Stopped, KeyboardInterrupt) as e:   # Ctrl-C while reading data, before the handlers
+        print(str(e) or "interrupted (SIGINT) before the run started; nothing was written",
+              file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
+    print_summary(summary)
+    return 0

@@ -283,6 +283,22 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, object]]:
 
 
 
+def held_out_split(cfg, examples: list, load) -> tuple[list, list]:
+    """(training examples, held-out examples). Held-out prompts come from --eval-dataset, or the
+    bundled held-out file with the bundled data, read by load(source, columns=..., verbose=False);
+    else --eval-size examples (at most a fifth) are held out of the shuffled dataset, never trained
+    on."""
+    source = cfg.eval_dataset
+    if not source and Path(cfg.dataset) == BUNDLED_TRAIN:
+        source = str(BUNDLED_HELDOUT)
+    if source:
+        columns = cfg.columns if cfg.eval_dataset else ""
+        return examples, load(source, columns=columns, verbose=False)[: cfg.eval_size]
+    random.Random(cfg.seed).shuffle(examples)
+    n_eval = min(cfg.eval_size, len(examples) // 5)
+    return examples[: len(examples) - n_eval], examples[len(examples) - n_eval:]
+
+
 class PromptStream:
     """Epoch-wise shuffled prompts; (epoch, position) is its whole state, so a resume is exact."""
 

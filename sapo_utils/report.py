@@ -11,6 +11,15 @@ from sapo_utils.checkpoints import replace_text
 from sapo_utils.errors import UserError
 
 
+def step_metrics(accum: list[dict], step: int, lr: float, grad_norm: float, skipped: int,
+                 buffer) -> dict:
+    """One step's metrics line: the micro-batches' metrics averaged, with the step's bookkeeping."""
+    metrics = {k: sum(m[k] for m in accum) / len(accum) for k in accum[0]} if accum else {}
+    metrics.update({"step": step, "lr": lr, "grad_norm": grad_norm, "nonfinite/skipped": skipped,
+                    "buffer/size": len(buffer)})
+    return metrics
+
+
 def describe_tuple(tok, tpl: dict, step: int) -> dict:
     """A replay tuple as text, with the regenerated segment marked by [[ ]]."""
     t, k, y_neg = tpl["t"], tpl["segment_len"], tpl["rejected_ids"]

@@ -198,6 +198,16 @@ class StopSignals:
 
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global random streams."""
+    import random
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class Run:
     """One training run's plumbing, called by sapo.train at a few named points: the output
     folder and its lock, stop signals, checkpoints and resuming, metrics.jsonl / TensorBoard,
