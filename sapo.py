@@ -543,9 +543,10 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
     pi_pos, pi_neg, n_pos, n_neg = (torch.cat(p).float().cpu() for p in zip(*parts))
     start = start or (pi_pos.tolist(), pi_neg.tolist())
     avg_pos, avg_neg = pi_pos / n_pos, pi_neg / n_neg
-    log_odds = (avg_pos - avg_neg) - (log1mexp(avg_pos) - log1mexp(avg_neg))
-    r_pos = beta * (pi_pos - torch.tensor(start[0]))
-    r_neg = beta * (pi_neg - torch.tensor(start[1]))
+    # the losses' own formulas: DPO's rewards with pi_0 as the reference, ORPO's log odds
+    _, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, torch.tensor(start[0]), torch.tensor(start[1]),
+                               beta)
+    _, log_odds, _, _ = orpo_loss(avg_pos, avg_neg, 0.0, 1.0)
     return {"eval/rewards/chosen": r_pos.mean().item(),
             "eval/rewards/rejected": r_neg.mean().item(),
             "eval/rewards/margins": (r_pos - r_neg).mean().item(),

@@ -274,6 +274,10 @@ class Run:
         if path is not None:
             self.say(f"resuming from {path}")
             saved = load_checkpoint(path, self.models, self.trainer_state, rng, device)
+            if missing := [key for key in loop if key not in saved]:
+                raise UserError(f"{path}: state.json has no {', '.join(missing)}: written by "
+                                "another version of sapo; resume it with that version, or start "
+                                "a new run")
             for key, value in loop.items():
                 if hasattr(value, "load_state_dict"):
                     value.load_state_dict(saved[key])
