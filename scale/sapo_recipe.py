@@ -116,7 +116,7 @@ from sapo_utils.data import PromptStream, parse_columns, parse_rows, read_rows  
 from sapo_utils.errors import Stopped, UserError  # noqa: E402
 from sapo_utils.optim import guarded_step, make_scheduler  # noqa: E402
 from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E402
-from sapo_utils.run import StopSignals  # noqa: E402
+from sapo_utils.run import StopSignals, seed_everything  # noqa: E402
 
 from scale.fsdp import (all_processes, full_tensor, gathered, init_distributed, is_lora,  # noqa: E402
                         load_full_model_state_dict, load_full_optimizer_state_dict, prepare_model, reshard)
@@ -470,7 +470,6 @@ def swapped_in(live: AdapterSet, weights: AdapterSet):
         sapo.copy_weights(live, stash)
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # 6. The recipe
 # ---------------------------------------------------------------------------------------------------
@@ -523,7 +522,7 @@ class SAPORecipe(FTRecipeInterface):
         self.global_batch = self.B * self.world_size
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         self.seed = int(cfg.seed)
-        sapo.seed_everything(self.seed)
+        seed_everything(self.seed)
         # the settings sapo.py's functions read, as its Config: the method's recipe (EMA generator, segments, buffer,
         # reference refreshed from the EMA for SAPO-DPO) and the global batch the reference period counts in
         self.sapo_cfg = sapo.Config(method=cfg.method, ref_update_steps=int(cfg.ref_update_steps),
@@ -788,12 +787,12 @@ class SAPORecipe(FTRecipeInterface):
         # Reference first: LoRA swaps adapter values in place, which must not happen inside autograd. And in its
         # own autocast region: autocast caches the bf16 casts of fp32 weights until the region ends, so a shared
         # region would hand the policy forward the reference's adapter values.
-        if cfg.method == "sapo-dpo":
+        if self.method.loss == "dpo":
             with self._autocast():
                 ref_pos, ref_neg = self._reference_logps(batch)
         with self._autocast():
             pi_pos, pi_neg, n_pos, n_neg = torchtune_preference_logps(self.policy, batch, self.pad_id, self.device)
-        if cfg.method == "sapo-dpo":
+        if self.method.loss == "dpo":
             loss, r_pos, r_neg = sapo.dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
             extra = {}
         else:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import sapo  # noqa: E402
 import sapo_fast  # noqa: E402
+from sapo_utils.evaluation import GREEDY  # noqa: E402
 from sapo_utils.models import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from scale import tiny  # noqa: E402
 
@@ -232,8 +233,8 @@ def test_greedy_segments_match_transformers_generate(tiny_dir, tmp_path):
     contexts = [e.prompt_ids + e.chosen_ids[: 5 * i] for i, e in enumerate(ex)]
     new = [12, 5, 12, 9]
     stop = stop_token_ids(hf_model, hf_tok)
-    ours = R.torchtune_generate(tt_model, contexts, new, hf_tok.pad_token_id, stop, sapo.GREEDY, [0] * 4)
-    theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, sapo.GREEDY)
+    ours = R.torchtune_generate(tt_model, contexts, new, hf_tok.pad_token_id, stop, GREEDY, [0] * 4)
+    theirs = sapo.generate_segments(hf_model, contexts, new, hf_tok.pad_token_id, stop, GREEDY)
 
     def upto_stop(s):
         return next((s[: i + 1] for i, t in enumerate(s) if t in stop), s)
