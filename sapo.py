@@ -673,8 +673,10 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
         eval_tuples = held_out_negatives(cfg, policy, eval_examples, negatives)
         heldout = HeldOut(cfg, tok, eval_examples, eval_tuples, task, stop_ids, ops, device,
                           lambda: autocast(cfg, device), evaluate)
+        # the loop's state: what a checkpoint holds besides weights, optimizer and RNG
         loop = {"step": 0, "before": None, "spin_negatives": [], "skipped": 0,
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
+        # --resume: restore all of it from the newest checkpoint; else score pi_0 held out
         run.start(models, optimizer, scheduler, rng, device, loop, heldout)
         stream = loop["stream"]
         while loop["step"] < cfg.max_steps:

@@ -335,7 +335,7 @@ class Run:
         room = cfg.num_samples - self.n_samples
         self.n_samples += append_samples(self.out / "samples.jsonl", tok, fresh_tuples, step, room)
         metrics.update(self.heldout.due(policy, step))
-        echo = self.bar.write if step % cfg.log_every == 0 else None
+        echo = self._echo if step % cfg.log_every == 0 else None
         self.log.write(metrics, echo=echo)
         self.bar.update(1)
         due = cfg.save_steps >= 0 and (step == cfg.max_steps or
@@ -348,6 +348,11 @@ class Run:
         if self.signals.signum and saved and step < cfg.max_steps:
             # (a signal during on_step: the next step stops)
             raise Stopped.after_step(self.signals.signum, step, self.out / "checkpoints")
+
+    def _echo(self, line: str) -> None:
+        """A metrics line above the progress bar, flushed (a log file sees it at once)."""
+        self.bar.write(line)
+        sys.stdout.flush()
 
     def finish(self, policy, tok, config_values=None) -> None:
         """The last step is done: a signal now lets the final save and evaluation complete.
