@@ -560,14 +560,17 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
                            "chosen_per_token": avg_pos.tolist()}}
 
 
-def held_out_negatives(cfg: Config, policy, examples: list[Example], negatives: dict):
-    """Negatives for the held-out prompts, written once by the starting model with their own
-    seed, so that every evaluation compares the same tuples (none without --eval-logps)."""
-    if not (cfg.eval_logps and examples):
-        return []
-    with autocast(cfg, policy.device):
-        rng = random.Random(cfg.seed + 1)
-        return make_negatives(policy, examples, rng=rng, **negatives)
+def held_out(cfg: Config, tok, policy, examples: list[Example], task, ops: Ops,
+             negatives: dict) -> HeldOut:
+    """The held-out prompts' evaluation. Their negatives are written once, by the starting
+    model with their own seed, so every evaluation compares the same tuples."""
+    tuples = []
+    if cfg.eval_logps and examples:
+        with autocast(cfg, policy.device):
+            rng = random.Random(cfg.seed + 1)
+            tuples = make_negatives(policy, examples, rng=rng, **negatives)
+    return HeldOut(cfg, tok, examples, tuples, task, negatives["stop_ids"], ops, policy.device,
+                   lambda: autocast(cfg, policy.device), evaluate)
 
 
 # --- 10. The training loop -----------------------------------------------------------------------
@@ -632,12 +635,21 @@ def build_models(cfg: Config, recipe: Recipe, device):
     return policy, ema, ref, dropout_rates
 
 
-def negative_settings(cfg: Config, recipe: Recipe, pad_id, stop_ids, ops: Ops) -> dict:
+def negative_settings(cfg: Config, recipe: Recipe, tok, policy, ops: Ops) -> dict:
     """make_negatives' arguments. Whole-response negatives: G = max_length, so t = 0."""
     G = cfg.max_length if recipe.whole_response else cfg.segment_len
     sampling = segment_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-    return dict(segment_len=G, max_length=cfg.max_length, pad_id=pad_id, stop_ids=stop_ids,
-                sampling=sampling, generate=ops.generate)
+    return dict(segment_len=G, max_length=cfg.max_length, pad_id=tok.pad_token_id,
+                stop_ids=stop_token_ids(policy, tok), sampling=sampling, generate=ops.generate)
+
+
+def optimization(cfg: Config, policy):
+    """The optimizer over the policy's trainable weights, and the learning-rate schedule:
+    linear warmup (--warmup-steps, or --warmup-ratio of the steps), then --schedule."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
+    return optimizer, make_scheduler(optimizer, cfg.schedule, warmup, cfg.max_steps)
 
 
 def spin_period(cfg: Config, recipe: Recipe) -> int:
@@ -661,18 +673,12 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
         run.say("loading the model")
         policy, ema, ref, dropout_rates = build_models(cfg, recipe, device)
         models = {"policy": policy, "ema": ema, "ref": ref}
-        stop_ids = stop_token_ids(policy, tok)
-        negatives = negative_settings(cfg, recipe, tok.pad_token_id, stop_ids, ops)
+        negatives = negative_settings(cfg, recipe, tok, policy, ops)
         ref_every, spin_every = reference_period(cfg, len(examples)), spin_period(cfg, recipe)
-        trainable = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
-        scheduler = make_scheduler(optimizer, cfg.schedule, warmup, cfg.max_steps)
+        optimizer, scheduler = optimization(cfg, policy)
         buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
         run.say("writing the held-out negatives")
-        eval_tuples = held_out_negatives(cfg, policy, eval_examples, negatives)
-        heldout = HeldOut(cfg, tok, eval_examples, eval_tuples, task, stop_ids, ops, device,
-                          lambda: autocast(cfg, device), evaluate)
+        heldout = held_out(cfg, tok, policy, eval_examples, task, ops, negatives)
         # the loop's state: what a checkpoint holds besides weights, optimizer and RNG
         loop = {"step": 0, "before": None, "spin_negatives": [], "skipped": 0,
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
@@ -723,8 +729,8 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
                 accum.append(m)
             # (7) the optimizer step; a NaN/inf loss or gradient skips it (or stops the run)
             losses = [m["loss"] for m in accum]
-            grad_norm, skipped = guarded_step(optimizer, trainable, cfg.max_grad_norm, losses,
-                                              cfg.on_nonfinite, step)
+            grad_norm, skipped = guarded_step(optimizer, policy.parameters(), cfg.max_grad_norm,
+                                              losses, cfg.on_nonfinite, step)
             scheduler.step()
             loop["skipped"] += skipped
             loop["step"] = step = step + 1
