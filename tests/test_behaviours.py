@@ -432,3 +432,20 @@ def test_check_config_accepts_the_edges(tmp_path, tiny_llama_dir, capsys):
     assert sapo.main(["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path / "o"), "--ema-decay", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--ema-decay" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_folder_loads_as_a_model(tiny_llama_dir, small_jsonl, tmp_path):
+    """--model runs/x/checkpoints/step-N: the step's policy weights over the model the run started from, for
+    training, --eval-only or a new run; a checkpoint that does not verify is a one-line error."""
+    seen = {}
+    out = tmp_path / "o"
+    sapo.train(tiny_cfg(tiny_llama_dir, small_jsonl, out, max_steps=2, save_steps=1, keep_checkpoints=2),
+               on_step=lambda step, policy, m: seen.update({step: {k: v.clone() for k, v in policy.state_dict().items()}}))
+    step1 = out / "checkpoints" / "step-00000001"
+    model = sapo_utils.models.load_model(str(step1))
+    assert all(torch.equal(v, seen[1][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, seen[2][k]) for k, v in model.state_dict().items())
+    assert sapo_utils.models.load_tokenizer(str(step1)).eos_token_id is not None
+    (step1 / "policy.safetensors").write_bytes(b"broken")
+    with pytest.raises(sapo_utils.errors.UserError, match="does not verify"):
+        sapo_utils.models.load_model(str(step1))
