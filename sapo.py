@@ -171,14 +171,19 @@ def encode_response(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
 
 
+def encode_example(tok, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(x, y) as token ids: encode_prompt and encode_response."""
+    return encode_prompt(tok, prompt), encode_response(tok, response)
+
+
 def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
-                  split: str = "train", verbose: bool = True,
-                  columns: str = "") -> list[Example]:
-    """Read, validate and tokenise a dataset; skip (and count) examples that are too long."""
+                  split: str = "train", verbose: bool = True, columns: str = "",
+                  encode=encode_example) -> list[Example]:
+    """Read, validate and tokenise a dataset; skip (and count) examples that are too long.
+    encode(tok, prompt, response) -> (x, y) is the seam for other tokenizers (scale/)."""
     examples, long_prompts, too_long = [], 0, 0
     for where, row, (prompt, chosen, rejected) in parse_rows(read_rows(source, split), columns):
-        x = encode_prompt(tok, prompt)
-        y_pos = encode_response(tok, chosen)
+        x, y_pos = encode(tok, prompt, chosen)
         if not x:
             raise UserError(f"{where}: the prompt encodes to no tokens")
         if len(x) > max_prompt_length:
@@ -186,7 +191,7 @@ def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
         elif len(x) + len(y_pos) > max_length:
             too_long += 1
         else:
-            y_neg = encode_response(tok, rejected) if rejected else None
+            y_neg = encode(tok, prompt, rejected)[1] if rejected else None
             examples.append(Example(x, y_pos, y_neg, row if isinstance(row, dict) else None))
     prompt_limit = f"--max-prompt-length={max_prompt_length}"
     limit = f"--max-length={max_length}"

@@ -215,15 +215,27 @@ def probe_batch(vocab_size: int) -> list[dict]:
     return [{k: [i % vocab_size for i in ids] for k, ids in t.items()} for t in PACKING_PROBE]
 
 
+# where PACKING_PROBE's first y- keeps its own tokens in the packed layout: row 0 holds the first
+# tuple, x (3 tokens) and y+ (4) from position 0, then y-'s 3 own tokens from 7
+PROBE_OWN_NEGATIVE = (0, slice(7, 10))
+
+
 def with_shifted_positions(forward):
     """forward, but with y-'s own positions moved by +3: a model that honours position_ids must
     give other numbers (one that ignores them gives the same numbers, bit for bit)."""
     def shifted(*args, **kwargs):
         kwargs["position_ids"] = kwargs["position_ids"].clone()
-        # row 0 holds the first tuple: x (3) + y+ (4) from 0, then y-'s 3 own tokens from 7
-        kwargs["position_ids"][0, 7:] += 3
+        kwargs["position_ids"][PROBE_OWN_NEGATIVE] += 3
         return forward(*args, **kwargs)
     return shifted
+
+
+def packing_verdict(packed, plain, moved, tol: float = 1e-4) -> bool:
+    """packing_ok's rule on PACKING_PROBE's (sum+, sum-): the packed numbers agree with the plain
+    two rows to tol, and moving y-'s own positions (moved) changed them."""
+    agree = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+                for a, b in zip(packed, plain))
+    return agree and not torch.equal(packed[1], moved[1])
 
 
 @torch.no_grad()
@@ -254,9 +266,7 @@ def packing_ok(model, two_rows, fast_logps=packed_logps) -> bool:
                         del base.forward                        # back to the class's forward
                     else:
                         base.forward = own
-            agree = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(packed, plain))
-            positions_used = not torch.equal(packed[1], moved[1])
-            ok = agree and positions_used
+            ok = packing_verdict(packed, plain, moved)
         except (TypeError, ValueError, RuntimeError):   # the model rejects the arguments
             ok = False
         finally:
@@ -303,7 +313,9 @@ class TopKTopPSampler:
         self.top_p = top_p
 
     @torch.no_grad()
-    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+    def kept(self, scores: torch.Tensor):
+        """(p, idx), each (B, k'): the kept tokens' probabilities (0 where top-p drops one), and
+        their ids, in descending order of score."""
         vocab = scores.shape[-1]
         k = min(self.top_k, vocab) if self.top_k > 0 else vocab
         top, idx = scores.topk(k, dim=-1)                         # (B, k), descending
@@ -314,6 +326,11 @@ class TopKTopPSampler:
         p = (top / self.temperature).softmax(-1)
         if self.top_p < 1.0:   # drop a token once the tokens ranked above it hold top_p
             p = p.masked_fill(p.cumsum(-1) - p >= self.top_p, 0.0)
+        return p, idx
+
+    @torch.no_grad()
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        p, idx = self.kept(scores)
         drawn = idx.gather(-1, torch.multinomial(p, 1))
         return scores.fill_(float("-inf")).scatter_(-1, drawn, 0.0)
 
