@@ -243,37 +243,38 @@ def response_targets(input_ids, loss_mask):
     return target_mask, input_ids[:, 1:][target_mask], rows
 
 
-def full_logits(model, input_ids, attention_mask, at):
-    """Logits (N, V) at the N positions `at` (B, T) marks: one ordinary forward, then a
-    selection. (sapo_fast.head_logits runs the output layer at those positions only.)"""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[at]
-
-
-def token_sums(logits, targets, rows, batch_size: int):
-    """Per-sequence sums of token log-probs: logits (N, V), targets (N,), rows (N,) -> (B,).
+def token_logps(logits, targets):
+    """log pi(target | context) at N positions: logits (N, V), targets (N,) -> (N,).
     cross_entropy is log_softmax + gather in one op, so no second (N, V) tensor is kept."""
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")     # (N,)
-    sums = torch.zeros(batch_size, device=logits.device)
-    return sums.index_add(0, rows, token_logps)
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def sequence_logps(model, input_ids, attention_mask, loss_mask, logits_at=full_logits):
+def full_logps_at(model, input_ids, attention_mask, at, targets):
+    """Token log-probs at the N positions `at` (B, T) marks: one ordinary forward, then the
+    (N, V) logits there. (sapo_fast.head_logps: the output layer at those positions only.)"""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[at]   # (N, V)
+    return token_logps(logits, targets)
+
+
+def sequence_logps(model, input_ids, attention_mask, loss_mask, logps_at=full_logps_at):
     """Sum of log pi(y_t | x, y_<t) over response tokens, and their count: (B,), (B,).
-    Sum vs mean is the caller's choice: DPO sums (a shared prefix cancels), ORPO averages."""
+    Sum vs mean is the caller's choice: DPO sums (a shared prefix cancels), ORPO averages.
+    logps_at is the seam for other forwards (sapo_fast's, scale/'s torchtune models)."""
     target_mask, targets, rows = response_targets(input_ids, loss_mask)
     at = F.pad(target_mask, (0, 1), value=False)        # (B, T): positions that predict a token
-    logits = logits_at(model, input_ids, attention_mask, at)                      # (N, V)
-    return token_sums(logits, targets, rows, input_ids.shape[0]), target_mask.sum(-1)
+    logps = logps_at(model, input_ids, attention_mask, at, targets)              # (N,)
+    sums = torch.zeros(input_ids.shape[0], device=logps.device).index_add(0, rows, logps)
+    return sums, target_mask.sum(-1)
 
 
-def preference_logps(model, batch: list[dict], pad_id: int, device, logits_at=full_logits):
+def preference_logps(model, batch: list[dict], pad_id: int, device, logps_at=full_logps_at):
     """(sum+, sum-, n+, n-), each (B,), for a batch of (x, y+, y-) tuples: two rows per
     tuple, [x, y+] and [x, y-], in one forward over [y+ rows; y- rows]."""
     if any(not b["prompt_ids"] for b in batch):
         raise ValueError("an empty prompt: y's first token has no position to be predicted from")
     pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch]
     pairs += [(b["prompt_ids"], b["rejected_ids"]) for b in batch]
-    logps, counts = sequence_logps(model, **collate(pairs, pad_id, device), logits_at=logits_at)
+    logps, counts = sequence_logps(model, **collate(pairs, pad_id, device), logps_at=logps_at)
     B = len(batch)
     return logps[:B], logps[B:], counts[:B], counts[B:]
 

@@ -6,7 +6,8 @@ sapo.py holds the reference path a reader follows: one ordinary forward per sequ
 function on every architecture in the test matrix (log-probs, losses and gradients to float
 rounding; for the sampler and the bf16 copy, the distribution tokens are drawn from).
 
-  head_logits          = sapo.full_logits       the output layer only where a token is scored
+  head_logps           = sapo.full_logps_at     the output layer only where a token is scored,
+                                                in chunks (chunked_token_logps)
   PackedLogps          = sapo.preference_logps  one packed segment per (x, y+, y-) tuple, x once
   fast_sampling        = generate's sampling    the same distribution, computed over the top-k only
   generator_copy       = the model itself       a bf16 copy of the weights where bf16 is native
@@ -24,6 +25,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # --- Head-only logits ------------------------------------------------------------------------
 
@@ -67,16 +69,41 @@ def head_only_ok(model) -> bool:
     return model._sapo_head_only
 
 
-def head_logits(model, input_ids, attention_mask, at):
-    """= sapo.full_logits: logits (N, V) at the N positions `at` (B, T) marks.
+# positions whose logits exist at once: at V = 128k a chunk's fp32 logits are 1 GiB
+CHUNK_POSITIONS = 2048
 
-    Faster because the output layer runs on N positions instead of B*T: at V = 49k-128k the
-    (B, T, V) logits are most of a forward's memory and much of its time."""
+
+def _chunk_logps(project, hidden, targets):
+    return -F.cross_entropy(project(hidden).float(), targets, reduction="none")
+
+
+def chunked_token_logps(project, hidden, targets, chunk_size: int | None = None):
+    """= sapo.token_logps(project(hidden), targets): hidden (N, H) -> (N,), chunk_size
+    positions at a time, each chunk's logits recomputed in backward (activation
+    checkpointing). Less memory: no (N, V) logits for the whole batch are ever alive (at
+    V = 128k and 8 responses of 2k tokens, 4 GiB of bf16 logits and twice that in fp32)."""
+    chunk_size = chunk_size or CHUNK_POSITIONS
+    parts = []
+    for i in range(0, len(targets), chunk_size):
+        h, t = hidden[i: i + chunk_size], targets[i: i + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logps, project, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(project, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0)
+
+
+def head_logps(model, input_ids, attention_mask, at, targets):
+    """= sapo.full_logps_at: token log-probs at the N positions `at` (B, T) marks.
+
+    Faster because the output layer runs on N positions instead of B*T (at V = 49k-128k the
+    (B, T, V) logits are most of a forward's memory and much of its time), in chunks."""
     if not head_only_ok(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[at]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[at]
+        return chunked_token_logps(lambda x: x, logits, targets)
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = out.last_hidden_state                                  # (B, T, H)
-    return model.get_output_embeddings()(hidden[at])                # (N, V)
+    hidden = out.last_hidden_state[at]                               # (N, H)
+    return chunked_token_logps(model.get_output_embeddings(), hidden, targets)
 
 
 # --- Packed shared-prefix log-probs ----------------------------------------------------------
@@ -195,8 +222,8 @@ def packed_logps(model, batch: list[dict], pad_id: int, device):
     out = model.base_model(input_ids=layout["ids"], attention_mask=mask[:, None],
                            position_ids=layout["pos"])
     hidden = out.last_hidden_state[layout["row_of"], layout["h_at"]]           # (N, H)
-    logits = model.get_output_embeddings()(hidden).float()                      # (N, V)
-    token_logps = -F.cross_entropy(logits, layout["targets"], reduction="none")  # (N,)
+    head = model.get_output_embeddings()
+    token_logps = chunked_token_logps(head, hidden, layout["targets"])         # (N,)
     sum_pos, sum_neg = sums_by_tuple(token_logps, layout, len(batch))
     return sum_pos, sum_neg, layout["n_pos"], layout["n_neg"]
 
@@ -289,10 +316,10 @@ def beyond_window(config, batch: list[dict]) -> bool:
 def preference_logps(plain):
     """The fast sapo.preference_logps: packed where the model passes packing_ok and no sequence
     is beyond its window, else the plain function with head-only logits."""
-    def fast(model, batch, pad_id, device, logits_at=None):
+    def fast(model, batch, pad_id, device, logps_at=None):
         if packing_ok(model, plain) and not beyond_window(model.config, batch):
             return packed_logps(model, batch, pad_id, device)
-        return plain(model, batch, pad_id, device, logits_at=head_logits)
+        return plain(model, batch, pad_id, device, logps_at=head_logps)
     return fast
 
 
@@ -428,7 +455,7 @@ def speedups(plain, generator_dtype=None):
     """sapo.Ops with each plain function replaced by its faster equal from this module."""
     def sequence_logps(model, input_ids, attention_mask, loss_mask):
         return plain.sequence_logps(model, input_ids, attention_mask, loss_mask,
-                                    logits_at=head_logits)
+                                    logps_at=head_logps)
     return dataclasses.replace(plain, sequence_logps=sequence_logps,
                                preference_logps=preference_logps(plain.preference_logps),
                                generate=generate_segments(plain.generate, generator_dtype),

@@ -89,14 +89,55 @@ def test_log_probs_match_full_logits_whichever_path(arch, chat, arch_dirs):
         assert neg[i].item() == pytest.approx(full_logits_logp(model, b["prompt_ids"], b["rejected_ids"]), abs=1e-4)
 
 
-def test_head_only_logits_equal_full_logits(arch_dirs):
-    """sapo_fast.head_logits is sapo.full_logits at the selected positions."""
+def test_head_only_logps_equal_full_logps(arch_dirs):
+    """sapo_fast.head_logps is sapo.full_logps_at at the selected positions."""
     model, tok = load(arch_dirs("llama", True))
     batch = sapo.collate([([5, 6, 7], [9, 10, 11, 12]), ([8, 9], [13, 14])], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        fast, n_fast = sapo.sequence_logps(model, **batch, logits_at=sapo_fast.head_logits)
+        fast, n_fast = sapo.sequence_logps(model, **batch, logps_at=sapo_fast.head_logps)
         plain, n_plain = sapo.sequence_logps(model, **batch)
     assert torch.allclose(fast, plain, atol=1e-5) and n_fast.tolist() == n_plain.tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunked_log_probs_and_gradients_equal_whole(chunk, arch_dirs):
+    """chunked_token_logps, any chunk size: the token log-probs and the gradients (through the recomputed
+    chunks) of the whole (N, V) computation, to float rounding."""
+    model, _ = load(arch_dirs("llama", True))
+    head = model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, head.in_features, generator=g, requires_grad=True)
+    targets = torch.randint(0, head.out_features, (10,), generator=g)
+    weights = torch.randn(10, generator=g)
+    results = []
+    for logps_of in (lambda: sapo.token_logps(head(hidden), targets),
+                     lambda: sapo_fast.chunked_token_logps(head, hidden, targets, chunk_size=chunk)):
+        model.zero_grad()
+        hidden.grad = None
+        logps = logps_of()
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (a, ga, wa), (b, gb, wb) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and torch.allclose(wa, wb, atol=1e-6)
+
+
+def test_no_whole_batch_logits_are_alive(arch_dirs, monkeypatch):
+    """With chunks of 4 positions, the output layer never sees more than 4 positions at once, in the forward
+    and in the backward's recomputation."""
+    model, tok = load(arch_dirs("llama", True))
+    monkeypatch.setattr(sapo_fast, "CHUNK_POSITIONS", 4)
+    assert paths(model) == (True, True)                  # the checks' own small forwards, first
+    seen = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    try:
+        batch = hand_tuples(model.config.vocab_size, tok.eos_token_id)
+        out = sapo.ops_for(FAST, torch.device("cpu")).preference_logps(model, batch, tok.pad_token_id, "cpu")
+        (out[0] - out[1]).sum().backward()
+    finally:
+        hook.remove()
+    scored = sum(len(b["chosen_ids"]) + len(b["rejected_ids"]) for b in batch)
+    assert seen and max(seen) <= 4 and sum(seen) >= scored          # forward chunks, then recomputed ones
 
 
 def test_packed_rows_and_their_gradients(arch_dirs):
@@ -176,7 +217,7 @@ def test_soft_cap_decision_holds_once_logits_grow(arch_dirs):
     x, y = [5, 6, 7, 8], [9, 10, 11, tok.eos_token_id]
     with torch.no_grad():
         got, _ = sapo.sequence_logps(model, **sapo.collate([(x, y)], tok.pad_token_id, "cpu"),
-                                     logits_at=sapo_fast.head_logits)
+                                     logps_at=sapo_fast.head_logps)
     assert got[0].item() == pytest.approx(full_logits_logp(model, x, y), abs=1e-3)
 
 
