@@ -59,14 +59,13 @@ import torch
 import torch.nn.functional as F
 
 import sapo_fast
-from sapo_utils import cli
+from sapo_utils import cli, evaluation
 from sapo_utils.cli import RunOptions, option
-from sapo_utils.data import (BUNDLED_HELDOUT, BUNDLED_TRAIN, PromptStream, held_out_split,
-                             parse_rows, read_rows)
+from sapo_utils.data import BUNDLED_TRAIN, PromptStream, held_out_split, parse_rows, read_rows
 from sapo_utils.errors import UserError
+from sapo_utils.evaluation import GREEDY, HeldOut  # noqa: F401 (GREEDY: sapo.GREEDY)
 from sapo_utils.models import (BUNDLED_MODEL, disable_dropout, load_model, load_tokenizer,
                                pick_device, stop_token_ids)
-from sapo_utils.evaluation import GREEDY, HeldOut, task_scores  # noqa: F401 (GREEDY: sapo.GREEDY)
 from sapo_utils.optim import guarded_step, make_optimizer, make_scheduler
 from sapo_utils.report import step_metrics
 from sapo_utils.run import Run, seed_everything
@@ -750,27 +749,9 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
 # --- 11. Command line ----------------------------------------------------------------------------
 
 def evaluate_model(cfg: Config, task=None) -> dict:
-    """--eval-only: score a model on held-out prompts; nothing is trained or written."""
-    tok, device = load_tokenizer(cfg.model, cfg.trust_remote_code), pick_device(cfg.device)
-    source = cfg.eval_dataset or str(BUNDLED_HELDOUT)
-    columns = cfg.columns if cfg.eval_dataset else ""
-    examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length,
-                             verbose=False, columns=columns)[: cfg.eval_size]
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
-    ops = ops_for(cfg, device)
-    pairs = [(e.prompt_ids, e.chosen_ids) for e in examples]
-    with torch.no_grad():
-        sums = [ops.sequence_logps(model, **collate(pairs[i: i + cfg.batch_size],
-                                                    tok.pad_token_id, device))
-                for i in range(0, len(pairs), cfg.batch_size)]
-    logps, counts = (torch.cat(t) for t in zip(*sums))
-    result = {"model": cfg.model, "eval_dataset": source, "n_prompts": len(examples),
-              "eval/logps_chosen_per_token": (logps / counts).mean().item()}
-    if task is not None:
-        result.update(task_scores(model, tok, examples, task, stop_token_ids(model, tok),
-                                  cfg.eval_max_new_tokens, ops.answer))
-    return result
+    """--eval-only: score --model on the held-out prompts (sapo_utils.evaluation)."""
+    ops = ops_for(cfg, pick_device(cfg.device))
+    return evaluation.evaluate_model(cfg, task, load_examples, collate, ops)
 
 
 def main(argv=None) -> int:

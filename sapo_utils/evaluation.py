@@ -81,3 +81,31 @@ class HeldOut:
         if cfg.task_eval_steps and step % cfg.task_eval_steps == 0 and not last:
             result.update(self._answers(model))
         return {k: v for k, v in result.items() if k.startswith("eval/")}
+
+
+def evaluate_model(cfg, task, load_examples, collate, ops) -> dict:
+    """--eval-only: a model's mean per-token log-prob of y+ on the held-out prompts and, with a task,
+    its scores of greedy answers; nothing is trained or written. load_examples, collate and ops
+    (sequence_logps, answer) are sapo.py's."""
+    import torch
+    from sapo_utils.data import BUNDLED_HELDOUT
+    from sapo_utils.models import load_model, load_tokenizer, pick_device, stop_token_ids
+    tok, device = load_tokenizer(cfg.model, cfg.trust_remote_code), pick_device(cfg.device)
+    source = cfg.eval_dataset or str(BUNDLED_HELDOUT)
+    columns = cfg.columns if cfg.eval_dataset else ""
+    examples = load_examples(source, tok, cfg.max_length, cfg.max_prompt_length,
+                             verbose=False, columns=columns)[: cfg.eval_size]
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model = load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval()
+    pairs = [(e.prompt_ids, e.chosen_ids) for e in examples]
+    with torch.no_grad():
+        sums = [ops.sequence_logps(model, **collate(pairs[i: i + cfg.batch_size],
+                                                    tok.pad_token_id, device))
+                for i in range(0, len(pairs), cfg.batch_size)]
+    logps, counts = (torch.cat(t) for t in zip(*sums))
+    result = {"model": cfg.model, "eval_dataset": source, "n_prompts": len(examples),
+              "eval/logps_chosen_per_token": (logps / counts).mean().item()}
+    if task is not None:
+        result.update(task_scores(model, tok, examples, task, stop_token_ids(model, tok),
+                                  cfg.eval_max_new_tokens, ops.answer))
+    return result
