@@ -32,10 +32,10 @@ Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7
  7. ORPO's NLL is the token mean over y+ only, padding masked (theirs, old TRL: prompt and
     padding too).
  8. Small-scale defaults: AdamW, lr 1e-6, batch 4 (theirs: 8 per GPU x 8 GPUs = 64), max length
-    512, G = 32, fp32 weights (theirs: bf16). Their values are flags, with two exceptions:
-    their ORPO optimizer is 8-bit AdamW (adamw_bnb_8bit; bitsandbytes is not a dependency
-    here, --optimizer adamw is its full-precision form) and their ORPO warmup is 100 steps
-    (--warmup-steps 100).
+    512, G = 32, fp32 weights (theirs: bf16). Their values are flags (--help names them; their
+    ORPO warmup: --warmup-steps 100), with one exception: their ORPO optimizer is 8-bit AdamW
+    (adamw_bnb_8bit); bitsandbytes is not a dependency here, --optimizer adamw is its
+    full-precision form.
  9. A step with a NaN/inf loss or gradient is skipped and counted (--on-nonfinite stop stops).
 10. The baselines (sft, dpo, orpo, spin) are configurations of the same loop; SPIN's
     iterations run in one job.
