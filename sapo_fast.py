@@ -6,12 +6,15 @@ sapo.py holds the reference path a reader follows: one ordinary forward per sequ
 function on every architecture in the test matrix (log-probs, losses and gradients to float
 rounding; for the sampler and the bf16 copy, the distribution tokens are drawn from).
 
-  head_logps           = sapo.full_logps_at     the output layer only where a token is scored,
-                                                in chunks (chunked_token_logps)
-  PackedLogps          = sapo.preference_logps  one packed segment per (x, y+, y-) tuple, x once
-  fast_sampling        = generate's sampling    the same distribution, computed over the top-k only
-  generator_copy       = the model itself       a bf16 copy of the weights where bf16 is native
-  weight_cache         = (nothing)              autocast keeps its bf16 weight copies for a frozen model
+  head_logps       = sapo.full_logps_at     the output layer only where a token is scored, in
+                                            chunks (chunked_token_logps): less time and memory
+  packed_logps     = sapo.preference_logps  one packed segment per (x, y+, y-) tuple: x and the
+                                            shared prefix run once, short tuples share rows
+  fast_sampling    = generate's sampling    the same distribution, computed over the top-k only
+  generator_copy   = the model itself       a bf16 copy of the weights where bf16 is native
+  weight_cache     = (nothing)              autocast keeps its bf16 weight copies for a frozen
+                                            generator, instead of re-casting them every token
+  speedups(plain)  = sapo.Ops()             all of the above, as sapo.ops_for builds them
 
 Every check here reads the model; none writes to its parameters or buffers, so a caller may hold
 an autograd graph on the same model across a call. This module never imports sapo.py.
