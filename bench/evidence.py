@@ -263,25 +263,37 @@ def paired_bootstrap(a: list[list[int]], b: list[list[int]], n_boot: int, rng: r
     return {"diff": float(diff.mean()), "ci95": [float(lo), float(hi)]}
 
 
-def table_rows(runs: list[dict], methods: list[str], seeds: list[int], n_boot: int) -> list[dict]:
+def table_rows(runs: list[dict], methods: list[str], n_boot: int) -> list[dict]:
+    """One row per method over the seeds it has runs for; its differences against the baselines are paired over
+    the seeds both have (all of them after a complete run; fewer after an interrupted one with --report-only)."""
     import numpy as np
     by = {(r["method"], r["seed"]): r for r in runs}
-    exact = {m: [[int(c) for c in by[(m, s)]["test_exact"]] for s in seeds] for m in methods}
+    seeds_of = {m: sorted(s for (mm, s) in by if mm == m) for m in methods}
     rng, rows = random.Random(0), []
     for m in methods:
-        rs = [by[(m, s)] for s in seeds]
+        rs = [by[(m, s)] for s in seeds_of[m]]
+        if not rs:
+            continue
         em = [r["test"]["exact_match"] for r in rs]
-        row = {"method": m, "lr": rs[0]["lr"], "seeds": len(rs),
+        row = {"method": m, "lr": rs[0]["lr"], "seeds": seeds_of[m],
                "test_exact_match": float(np.mean(em)), "test_exact_match_sd": float(np.std(em, ddof=1)) if len(em) > 1
                else 0.0, "test_digit_acc": float(np.mean([r["test"]["digit_acc"] for r in rs])),
                "heldout_exact_match": float(np.mean([r["curve"][-1]["exact_match"] for r in rs])),
                "identical_negatives": (float(np.mean([np.mean(r["identical_per_step"]) for r in rs]))
                                        if all(r["identical_per_step"] for r in rs) else None),
                "train_s": float(np.mean([r["train_s"] for r in rs]))}
+        # of the sampled negatives (samples.jsonl: the first steps) that differ from y+, the share whose result line
+        # is still the true sum: the kept suffix of y+ carries the answer after the rewritten segment
+        differ = [n for r in rs for n in r.get("negatives", []) if n["rejected"] != n["chosen"]]
+        row["negatives_right_result"] = (float(np.mean([ar.result_line(n["rejected"]) == ar.result_line(n["chosen"])
+                                                        for n in differ])) if differ else None)
         for base in BASELINES:
-            if base in methods and base != m:
-                row[f"vs_{base}"] = paired_bootstrap(exact[m], exact[base], n_boot, rng)
-                row[f"vs_{base}_seeds"] = paired_bootstrap(exact[m], exact[base], n_boot, rng, seeds_too=True)
+            common = [s for s in seeds_of[m] if s in seeds_of.get(base, [])]
+            if base != m and common:
+                a = [[int(c) for c in by[(m, s)]["test_exact"]] for s in common]
+                b = [[int(c) for c in by[(base, s)]["test_exact"]] for s in common]
+                row[f"vs_{base}"] = {**paired_bootstrap(a, b, n_boot, rng), "seeds": common}
+                row[f"vs_{base}_seeds"] = paired_bootstrap(a, b, n_boot, rng, seeds_too=True)
         rows.append(row)
     return rows
 
@@ -295,10 +307,10 @@ def pct(x, signed=False):
 def markdown_table(rows: list[dict], start: dict) -> str:
     head = ("| method | lr | test exact match % (sd over seeds) | vs continued SFT, points [95% CI problems] "
             "[CI seeds+problems] | vs SPIN, points [95% CI problems] | test digit acc % | held-out EM % | "
-            "identical negatives % | train s/run |")
-    lines = [head, "|" + "---|" * 10]
+            "identical negatives % | differing negatives with the right result line % | train s/run |")
+    lines = [head, "|" + "---|" * 11]
     lines.append(f"| start (SFT checkpoint) | | {pct(start['exact_match'])} | | | {pct(start['digit_acc'])} | "
-                 f"{pct(start['heldout']['exact_match'])} | | |")
+                 f"{pct(start['heldout']['exact_match'])} | | | |")
     for r in rows:
         def vs(key):
             if key not in r:
@@ -308,13 +320,40 @@ def markdown_table(rows: list[dict], start: dict) -> str:
         seeds_ci = (f" [{pct(r['vs_sft_seeds']['ci95'][0], True)}, {pct(r['vs_sft_seeds']['ci95'][1], True)}]"
                     if "vs_sft_seeds" in r else "")
         ident = "—" if r["identical_negatives"] is None else pct(r["identical_negatives"])
-        lines.append(f"| {r['method']} | {r['lr']:.0e} | {pct(r['test_exact_match'])} ({pct(r['test_exact_match_sd'])})"
+        kept = "—" if r.get("negatives_right_result") is None else pct(r["negatives_right_result"])
+        lines.append(f"| {r['method']} ({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)}) | {r['lr']:.0e} | {pct(r['test_exact_match'])} ({pct(r['test_exact_match_sd'])})"
                      f" | {vs('vs_sft')}{seeds_ci} | {vs('vs_spin')} | {pct(r['test_digit_acc'])} | "
-                     f"{pct(r['heldout_exact_match'])} | {ident} | {r['train_s']:.0f} |")
+                     f"{pct(r['heldout_exact_match'])} | {ident} | {kept} | {r['train_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def figure(runs: list[dict], rows: list[dict], methods: list[str], seeds: list[int], path: Path, title: str):
+def sweep_table(sweep: dict, chosen: dict) -> str:
+    """Held-out exact match after the last step, per method and lr (the sweep seed); the chosen lr in bold."""
+    if not sweep:
+        return "No lr sweep ran (one lr per method).\n"
+    lrs = sorted({lr for grid in sweep.values() for lr in grid}, key=float)
+    lines = ["| held-out exact match % (sweep seed) | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for m, grid in sweep.items():
+        cells = [("**" if f"{chosen[m]:.0e}" == lr else "") + pct(grid[lr]) + ("**" if f"{chosen[m]:.0e}" == lr else "")
+                 if lr in grid else "" for lr in lrs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def negatives_text(negatives: list[dict]) -> str:
+    """Negatives SAPO-DPO's EMA model wrote (from sapo's samples.jsonl), the rewritten segment in [[ ]]."""
+    lines = ["Negatives the EMA model wrote (SAPO-DPO, first seed, first steps; segment in [[ ]], lines joined by ` | `):",
+             "", "| prompt | y+ | y- (segment marked) | y-'s result line is the true sum? |", "|---|---|---|---|"]
+    for n in negatives:
+        flat = {k: n[k].strip().replace("\n", " | ") for k in ("prompt", "chosen", "rejected_marked")}
+        right = "identical to y+" if n["rejected"] == n["chosen"] else (
+            "yes" if ar.result_line(n["rejected"]) == ar.result_line(n["chosen"]) else "no")
+        lines.append(f"| `{flat['prompt']}` | `{flat['chosen']}` | `{flat['rejected_marked']}` | {right} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(runs: list[dict], rows: list[dict], methods: list[str], path: Path, title: str):
     """Left: held-out exact match per step (mean over seeds, band min..max). Right: test exact match difference vs
     continued SFT with its 95% interval (problems). matplotlib's Figure, no pyplot (no global state)."""
     import numpy as np
@@ -326,17 +365,20 @@ def figure(runs: list[dict], rows: list[dict], methods: list[str], seeds: list[i
     colors = {m: c for m, c in zip(methods, ["black", "tab:red", "tab:orange", "tab:blue", "tab:green",
                                              "tab:pink", "tab:purple", "tab:brown"])}
     for m in methods:
-        rs = [r for r in runs if r["method"] == m and r["seed"] in seeds]
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
         steps = [p["step"] for p in rs[0]["curve"]]
         ys = np.array([[p["exact_match"] for p in r["curve"]] for r in rs]) * 100
         style = "--" if m in ABLATIONS else "-"
-        ax.plot(steps, ys.mean(0), style, color=colors[m], label=m, lw=2 if m in ("sft", "sapo-dpo") else 1.3)
+        ax.plot(steps, ys.mean(0), style, color=colors[m], label=f"{m} ({len(rs)} seed{'s' * (len(rs) > 1)})",
+                lw=2 if m in ("sft", "sapo-dpo") else 1.3)
         if len(rs) > 1:
             ax.fill_between(steps, ys.min(0), ys.max(0), color=colors[m], alpha=0.12)
     ax.axhline(runs[0]["curve"][0]["exact_match"] * 100, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("optimizer step (from the SFT start)")
     ax.set_ylabel("held-out exact match, %")
-    ax.set_title(f"held-out exact match per step (mean over {len(seeds)} seed(s), band: min..max)", fontsize=10)
+    ax.set_title("held-out exact match per step (mean over seeds, band: min..max)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     others = [r for r in rows if "vs_sft" in r]
@@ -379,6 +421,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="training processes at a time, one thread each "
                         "(default 2; --quick: 0, every run in this process)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods (default: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs in --work-dir that finished")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -455,7 +499,8 @@ def main(argv=None) -> int:
                    if len(P["lr_grid"][m]) > 1]
     if sweep_specs:
         log(f"sweep: {len(sweep_specs)} runs (seed {P['sweep_seed']}, held-out split)")
-    for r in run_all(sweep_specs, jobs, log):
+    for r in (run_all(sweep_specs, jobs, log) if not args.report_only else
+              [json.loads(Path(s["result"]).read_text()) for s in sweep_specs if Path(s["result"]).exists()]):
         sweep.setdefault(r["method"], {})[f"{r['lr']:.0e}"] = r["curve"][-1]["exact_match"]
     for m in swept:
         grid = P["lr_grid"][m]
@@ -467,8 +512,12 @@ def main(argv=None) -> int:
     # the runs
     main_specs = [spec(m, s, chosen[m], "runs") for s in P["seeds"] for m in methods]
     log(f"runs: {len(main_specs)} ({len(methods)} methods x {len(P['seeds'])} seeds, {P['steps']} steps each)")
-    runs = run_all(main_specs, jobs, log)
-    rows = table_rows(runs, methods, P["seeds"], P["n_bootstrap"])
+    if args.report_only:   # the runs that finished, e.g. after an interrupted command; nothing is trained
+        runs = [json.loads(Path(s["result"]).read_text()) for s in main_specs if Path(s["result"]).exists()]
+        log(f"report only: {len(runs)} of {len(main_specs)} runs finished")
+    else:
+        runs = run_all(main_specs, jobs, log)
+    rows = table_rows(runs, methods, P["n_bootstrap"])
     negatives = []
     for r in runs:
         if r["method"] == "sapo-dpo" and r["seed"] == P["seeds"][0]:
@@ -481,11 +530,13 @@ def main(argv=None) -> int:
               "protocol": {**P, "methods": methods, "chosen_lr": chosen, "sapo_fixed": SAPO_FIXED},
               "start": {"test": {k: start[k] for k in ("exact_match", "digit_acc", "working_exact")},
                         "heldout": start["heldout"], "n_params": start["n_params"], "test_exact": start["exact"]},
-              "sweep": sweep, "table": rows, "negatives": negatives, "runs": runs}
+              "sweep": sweep, "table": rows, "negatives": negatives,
+              "runs": [{k: v for k, v in r.items() if k != "negatives"} for r in runs]}
     (out / "evidence.json").write_text(json.dumps(result, indent=1))
     table = markdown_table(rows, {**start, "heldout": start["heldout"]})
-    (out / "evidence.md").write_text(f"Command: `{command}` ({minutes:.0f} min; {machine()})\n\n{table}")
-    figure(runs, rows, methods, P["seeds"], out / "evidence.png",
+    (out / "evidence.md").write_text(f"Command: `{command}` ({minutes:.0f} min; {machine()})\n\n{table}\n"
+                                     + sweep_table(sweep, chosen) + "\n" + negatives_text(negatives))
+    figure(runs, rows, methods, out / "evidence.png",
            f"3-digit addition, {start['n_params'] / 1e6:.1f}M-parameter Llama from one SFT start "
            f"({pct(start['exact_match'])}% test exact match), {P['steps']} steps x {P['batch_size']} prompts")
     if not args.quick and out.resolve() == (ROOT / "bench" / "results").resolve():
