@@ -343,10 +343,10 @@ def sweep_table(sweep: dict, chosen: dict) -> str:
 
 def negatives_text(negatives: list[dict]) -> str:
     """Negatives SAPO-DPO's EMA model wrote (from sapo's samples.jsonl), the rewritten segment in [[ ]]."""
-    lines = ["Negatives the EMA model wrote (SAPO-DPO, first seed, first steps; segment in [[ ]], lines joined by ` | `):",
+    lines = ["Negatives the EMA model wrote (SAPO-DPO, first seed, first steps; segment in [[ ]], lines joined by `|`):",
              "", "| prompt | y+ | y- (segment marked) | y-'s result line is the true sum? |", "|---|---|---|---|"]
     for n in negatives:
-        flat = {k: n[k].strip().replace("\n", " | ") for k in ("prompt", "chosen", "rejected_marked")}
+        flat = {k: n[k].strip().replace("\n", " \\| ") for k in ("prompt", "chosen", "rejected_marked")}
         right = "identical to y+" if n["rejected"] == n["chosen"] else (
             "yes" if ar.result_line(n["rejected"]) == ar.result_line(n["chosen"]) else "no")
         lines.append(f"| `{flat['prompt']}` | `{flat['chosen']}` | `{flat['rejected_marked']}` | {right} |")
@@ -534,7 +534,13 @@ def main(argv=None) -> int:
               "runs": [{k: v for k, v in r.items() if k != "negatives"} for r in runs]}
     (out / "evidence.json").write_text(json.dumps(result, indent=1))
     table = markdown_table(rows, {**start, "heldout": start["heldout"]})
-    (out / "evidence.md").write_text(f"Command: `{command}` ({minutes:.0f} min; {machine()})\n\n{table}\n"
+    made = (f"Runs of `{command}`; this report rebuilt from them by `--report-only` ({machine()})" if args.report_only
+            else f"Command: `{command}` ({minutes:.0f} min; {machine()})")
+    if args.report_only:
+        result["minutes"] = None
+        result["report_only"] = True
+    (out / "evidence.json").write_text(json.dumps(result, indent=1))
+    (out / "evidence.md").write_text(f"{made}\n\n{table}\n"
                                      + sweep_table(sweep, chosen) + "\n" + negatives_text(negatives))
     figure(runs, rows, methods, out / "evidence.png",
            f"3-digit addition, {start['n_params'] / 1e6:.1f}M-parameter Llama from one SFT start "
