@@ -59,6 +59,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import sapo  # noqa: E402
+import sapo_utils.data  # noqa: E402
+import tasks.ifeval_lite  # noqa: E402
+from sapo_utils.evaluation import task_scores  # noqa: E402
 from tasks.ifeval_lite import check, check_loose, score  # noqa: E402
 
 METHODS = ("sapo-dpo", "sapo-orpo", "dpo", "orpo", "spin", "sft")   # table order: fixed, never sorted by score
@@ -162,7 +165,7 @@ def split_train(n_prompts: int, work: Path) -> dict[str, Path]:
     if n_prompts >= len(rows):
         raise SystemExit(f"--n-prompts {n_prompts}: the train split has only {len(rows)} rows (some must stay for SFT)")
     pref, rest = sorted(order[:n_prompts]), sorted(order[n_prompts:])
-    stub = {k: v for k, v in read_jsonl(sapo.BUNDLED_HELDOUT)[0].items() if k != "constraints"}
+    stub = {k: v for k, v in read_jsonl(sapo_utils.data.BUNDLED_HELDOUT)[0].items() if k != "constraints"}
     return {"pref": write_jsonl(work / "data" / "preference_prompts.jsonl", [rows[i] for i in pref]),
             "sft": write_jsonl(work / "data" / "sft_rows.jsonl", [rows[i] for i in rest]),
             "stub": write_jsonl(work / "data" / "stub_eval.jsonl", [stub])}
@@ -193,12 +196,13 @@ class HeldOut:
     def __init__(self, model_name: str, eval_size: int, max_new_tokens: int):
         self.tok = sapo.load_tokenizer(model_name)
         # 512 / 384: sapo.Config's defaults, as sapo.evaluate_model uses them
-        self.examples = sapo.load_examples(str(sapo.BUNDLED_HELDOUT), self.tok, 512, 384, verbose=False)[:eval_size]
-        rows = read_jsonl(sapo.BUNDLED_HELDOUT)[:eval_size]
+        self.examples = sapo.load_examples(str(sapo_utils.data.BUNDLED_HELDOUT), self.tok, 512, 384, verbose=False)[:eval_size]
+        rows = read_jsonl(sapo_utils.data.BUNDLED_HELDOUT)[:eval_size]
         if len(self.examples) != len(rows):
             raise SystemExit("a held-out row is too long for this tokenizer at max length 512: pairs would not line up")
         self.rejected = [sapo.encode_response(self.tok, r["rejected"]) for r in rows]
         self.max_new_tokens = max_new_tokens
+        self.ops = sapo.ops_for(sapo.Config(), torch.device("cpu"))   # the functions sapo.evaluate_model uses
         self.start = None   # the SFT start's per-prompt evaluation, once known: implicit rewards are measured from it
 
     @torch.no_grad()
@@ -212,18 +216,18 @@ class HeldOut:
         for i in range(0, len(examples), EVAL_BATCH):
             chunk = examples[i: i + EVAL_BATCH]
             pairs = [(e.prompt_ids, e.chosen_ids) for e in chunk] + [(e.prompt_ids, r) for e, r in zip(chunk, rejected[i:])]
-            lp, count = sapo.sequence_logps(model, **sapo.collate(pairs, pad, device))
+            lp, count = self.ops.sequence_logps(model, **sapo.collate(pairs, pad, device))
             pos += lp[: len(chunk)].tolist()
             neg += lp[len(chunk):].tolist()
             n_pos += count[: len(chunk)].tolist()
             n_neg += count[len(chunk):].tolist()
-        answers = sapo.instruction_following(model, self.tok, examples, sapo.stop_token_ids(model, self.tok),
-                                             self.max_new_tokens, EVAL_BATCH)["responses"]
+        answers = task_scores(model, self.tok, examples, tasks.ifeval_lite, sapo.stop_token_ids(model, self.tok),
+                              self.max_new_tokens, self.ops.answer, EVAL_BATCH)["responses"]
         model.train(was_training)
         return with_metrics({"logps_chosen": [a / n for a, n in zip(pos, n_pos)],
                              "logps_rejected": [a / n for a, n in zip(neg, n_neg)],
                              "sum_chosen": pos, "sum_rejected": neg, "responses": answers,
-                             "constraints": [e.constraints for e in examples]}, start=self.start)
+                             "constraints": [e.row["constraints"] for e in examples]}, start=self.start)
 
 
 def with_metrics(per_prompt: dict, n: int | None = None, start: dict | None = None) -> dict:

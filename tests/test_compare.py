@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sapo  # noqa: E402
+import tasks.ifeval_lite  # noqa: E402
 from bench import compare  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def test_quick_metrics_match_sapo_evaluate_model(quick, one_thread):
     """The in-memory evaluation is sapo.evaluate_model's (`python sapo.py --eval-only`), on the saved final model."""
     run = next(r for r in quick["results"]["runs"] if r["method"] == "sapo-dpo")
     cfg = sapo.Config(model=run["final_dir"], eval_size=8, eval_max_new_tokens=16, batch_size=16, device="cpu")
-    ref = sapo.evaluate_model(cfg)
+    ref = sapo.evaluate_model(cfg, tasks.ifeval_lite)
     assert ref["eval/prompt_strict_acc"] == run["final"]["prompt_strict_acc"]
     assert ref["eval/instruction_loose_acc"] == run["final"]["instruction_loose_acc"]
     assert ref["eval/logps_chosen_per_token"] == pytest.approx(run["final"]["logps_chosen_per_token"], abs=1e-4)
