@@ -5,7 +5,7 @@ CI runs each notebook top to bottom in quick mode (SAPO_NB_QUICK=1 shrinks step 
 the notebooks read it in their parameters cell), with cwd = notebooks/, like a reader would.
 
 Re-run them and save their outputs in place (normal mode, what gets committed; a few CPU minutes each):
-    python tests/test_notebooks.py --write                  # all three
+    python tests/test_notebooks.py --write                  # all four
     python tests/test_notebooks.py --write 03                # one
 """
 import argparse
@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
-NOTEBOOKS = ["01_preference_losses.ipynb", "02_self_augmented_negatives.ipynb", "03_end_to_end.ipynb"]
+NOTEBOOKS = ["01_preference_losses.ipynb", "02_self_augmented_negatives.ipynb", "03_end_to_end.ipynb",
+             "04_evidence.ipynb"]
 CELL_TIMEOUT_S = 600
 MAX_COMMITTED_BYTES = 1_000_000
 
@@ -67,7 +68,7 @@ def code_sources(nb) -> str:
 
 GUARDED = ("sapo", "sapo_fast", "sapo_utils.cli", "sapo_utils.data", "sapo_utils.models", "sapo_utils.report",
            "sapo_utils.run", "sapo_utils.checkpoints", "sapo_utils.optim", "sapo_utils.evaluation",
-           "tasks.ifeval_lite")   # the algorithm, its speed-ups, its plumbing, the bundled task
+           "tasks.ifeval_lite", "tasks.arithmetic")   # the algorithm, its speed-ups, its plumbing, the tasks
 
 
 def sapo_names() -> set[str]:
