@@ -209,12 +209,12 @@ def sums_by_tuple(token_logps, layout: dict, batch_size: int):
     return sum_pos, sum_neg
 
 
-def packed_logps(model, batch: list[dict], pad_id: int, device):
+def packed_logps(model, batch: list[dict], pad_id: int, device, pack: bool = True):
     """= sapo.preference_logps: (sum+, sum-, n+, n-), each (B,), on a transformers model.
 
     Faster because x and the shared prefix y+[:k] (SAPO: k >= t) go through the model once per
     tuple instead of twice, and short tuples share rows: 0.6-0.7x the tokens of two rows."""
-    layout = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id).items()}
+    layout = {k: v.to(device) for k, v in shared_prefix_layout(batch, pad_id, pack).items()}
     kind = torch.device(device).type             # the mask in the dtype attention computes in
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
@@ -316,12 +316,12 @@ def beyond_window(config, batch: list[dict]) -> bool:
     return bool(window) and longest > window
 
 
-def preference_logps(plain):
+def preference_logps(plain, packed=packed_logps):
     """The fast sapo.preference_logps: packed where the model passes packing_ok and no sequence
     is beyond its window, else the plain function with head-only logits."""
     def fast(model, batch, pad_id, device, logps_at=None):
         if packing_ok(model, plain) and not beyond_window(model.config, batch):
-            return packed_logps(model, batch, pad_id, device)
+            return packed(model, batch, pad_id, device)
         return plain(model, batch, pad_id, device, logps_at=head_logps)
     return fast
 

@@ -25,8 +25,8 @@ is scored (completion tokens); x3 for the policy's forward+backward, x1 for the 
 prompt-position logits and recomputation are not counted, so work a trainer wastes lowers its utilization.
 
 Prints the command line first, then markdown tables; writes bench/perf_results.json (--out).
-Nothing here changes sapo.py: its functions are imported and timed; `sapo.preference_logps` is wrapped, in
-this process only, to time the policy and reference forwards separately.
+Nothing here changes sapo.py: its functions are imported and timed; the policy and reference forwards are timed
+apart by a timed copy of sapo.ops_for's functions passed to sapo.batch_loss (timed_ops).
 """
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import sapo  # noqa: E402
-import sapo_io  # noqa: E402
+import sapo_fast  # noqa: E402
+import sapo_utils.models  # noqa: E402
+import sapo_utils.optim  # noqa: E402
 
 GB = 1e9
 
@@ -151,10 +153,10 @@ def rows_of(batch) -> list[tuple[int, int]]:
 
 
 def shared_layout(b) -> tuple[int, int, int, int]:
-    """(|x|, k, own y+ tokens, own y- tokens) of one tuple as sapo.shared_prefix_logps lays it out: one row
+    """(|x|, k, own y+ tokens, own y- tokens) of one tuple as sapo_fast.packed_logps lays it out: one row
     [x, y+[:k], y+[k:], y-[k:]] with k the common prefix of y+ and y- (each keeps >= 1 token of its own)."""
     yp, yn = b["chosen_ids"], b["rejected_ids"]
-    k = sapo.shared_prefix_len(yp, yn)
+    k = sapo_fast.shared_prefix_len(yp, yn)
     return len(b["prompt_ids"]), k, len(yp) - k, len(yn) - k
 
 
@@ -166,7 +168,7 @@ def batch_stats(batch) -> dict:
     padded = len(rows) * max(T for T, _ in rows)
     shared = [shared_layout(b) for b in batch]
     lengths = [P + k + C + R for P, k, C, R in shared]
-    packed_rows = len(sapo.shared_prefix_layout(batch, 0)["ids"])   # sapo.py packs short tuples into shared rows
+    packed_rows = len(sapo_fast.shared_prefix_layout(batch, 0)["ids"])   # sapo.py packs short tuples into shared rows
     return {"rows": len(rows), "real_tokens": real, "padded_tokens": padded, "completion_tokens": sum(C for _, C in rows),
             "max_len": max(T for T, _ in rows), "mean_len": real / len(rows), "real_fraction": real / padded,
             "distinct_tokens": sum(lengths), "distinct_rows": packed_rows, "distinct_padded_tokens": packed_rows * max(lengths),
@@ -245,28 +247,46 @@ def matmul_peak(shape, M: int, Mc: int, dtype, reps: int, head_rows: int = 512, 
 # --------------------------------------------------------------------------------------------- timed steps
 
 _FORWARD_TIME: dict[str, float] = {}
-_original_preference_logps = sapo.preference_logps
 
 
-def _timed_preference_logps(model, batch, pad_id, device, **kw):
-    """sapo.preference_logps, timed: the policy's (grad on) and the reference's (no grad) forwards apart."""
-    key = "policy_forward" if torch.is_grad_enabled() else "ref_forward"
-    t = time.perf_counter()
-    out = _original_preference_logps(model, batch, pad_id, device, **kw)
-    _FORWARD_TIME[key] = _FORWARD_TIME.get(key, 0.0) + time.perf_counter() - t
-    return out
+def timed_ops(cfg, device, pack: bool = True, two_rows: bool = False) -> "sapo.Ops":
+    """The functions sapo.train computes with for cfg (sapo.ops_for), with preference_logps timed: the
+    policy's (grad on) and the reference's (no grad) forwards apart. Passed to sapo.batch_loss as its ops
+    (a hook: nothing in sapo.py is patched). pack=False: the shared-prefix layout one row per tuple;
+    two_rows: two rows per tuple with head-only logits (the fallback for models that fail the check)."""
+    ops = sapo.ops_for(cfg, device)
+
+    def two_row_logps(model, batch, pad_id, device):
+        return sapo.preference_logps(model, batch, pad_id, device, logps_at=sapo_fast.head_logps)
+
+    def unpacked(model, batch, pad_id, device):
+        return sapo_fast.packed_logps(model, batch, pad_id, device, pack=False)
+    logps = ops.preference_logps
+    if two_rows:
+        logps = two_row_logps
+    elif not pack:
+        logps = sapo_fast.preference_logps(sapo.preference_logps, packed=unpacked)
+
+    def preference_logps(model, batch, pad_id, device, **kw):
+        key = "policy_forward" if torch.is_grad_enabled() else "ref_forward"
+        t = time.perf_counter()
+        out = logps(model, batch, pad_id, device, **kw)
+        _FORWARD_TIME[key] = _FORWARD_TIME.get(key, 0.0) + time.perf_counter() - t
+        return out
+    return dataclasses.replace(ops, preference_logps=preference_logps)
 
 
-sapo.preference_logps = _timed_preference_logps    # batch_loss looks it up at call time; this process only
+def optimizer_for(cfg, params):
+    return sapo_utils.optim.make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
 
 
-def our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device) -> dict:
+def our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device, ops=None) -> dict:
     """What sapo.train runs per step for --method dpo (grad_accum 1): loss, backward, clip, optimizer step."""
     _FORWARD_TIME.clear()
     opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     with sapo.autocast(cfg, device):
-        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device, ops or timed_ops(cfg, device))
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
@@ -319,15 +339,17 @@ def sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, 
     sapo.ema_update(ema, policy, cfg.ema_decay)
     t1 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
+    ops = timed_ops(cfg, device)
     with sapo.autocast(cfg, device):
         tuples = sapo.make_negatives(ema, fresh, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
-                                     cfg.temperature, cfg.top_p, cfg.top_k, dtype=generator_dtype(cfg, device))
+                                     sapo.segment_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
+                                     generate=ops.generate)
     t2 = time.perf_counter()
     buffer.push(tuples)
     batch = buffer.sample(cfg.batch_size, rng)
     t3 = time.perf_counter()
     with sapo.autocast(cfg, device):
-        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device, ops)
     t4 = time.perf_counter()
     loss.backward()
     t5 = time.perf_counter()
@@ -344,16 +366,12 @@ def sapo_step(cfg, policy, ema, ref, opt, buffer, fresh, rng, pad_id, stop_ids, 
 
 def generator_dtype(cfg, device) -> torch.dtype:
     """The weights sapo.train generates segments with for this config on this machine (--generator-dtype auto)."""
-    return sapo_io.generation_dtype(cfg.generator_dtype, cfg.precision, device)
+    return sapo_fast.generation_dtype(cfg.generator_dtype, cfg.precision, device)
 
 
-HF_SAMPLER = dict(do_sample=True, logits_processor=None)   # + temperature, top_p, top_k: transformers' own draw
-
-
-def hf_sampling(cfg) -> dict:
-    """generate() arguments that make sapo.generate_segments draw with transformers' own sampler, as it did before
-    TopKTopPSampler: the same distribution, computed over the whole vocabulary."""
-    return {**HF_SAMPLER, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+SAMPLING = sapo.segment_sampling(0.7, 50, 0.95)     # the authors' (and sapo.Config's) segment sampling
+# generate with the given model as is (no dtype copy), drawing through TopKTopPSampler (sapo_fast)
+FAST_GENERATE = sapo_fast.generate_segments(sapo.generate_segments, None)
 
 
 @contextlib.contextmanager
@@ -369,9 +387,9 @@ def generate_kwargs(model, **override):
 
 
 def generation_before_after(args, cfg, model, examples, stop_ids, pad_id) -> dict:
-    """Segment generation for one micro-batch as sapo.py did before this change (fp32 weights, transformers'
-    sampler over the whole vocabulary) and as it does now (TopKTopPSampler, the generator dtype --generator-dtype
-    auto picks here), alternating, same prompts and truncation points; medians."""
+    """Segment generation for one micro-batch on the plain path (--plain: fp32 weights, transformers' sampler over
+    the whole vocabulary) and the default one (TopKTopPSampler, the generator dtype --generator-dtype auto picks
+    here), alternating, same prompts and truncation points; medians."""
     now_dtype = generator_dtype(cfg, torch.device("cpu"))
     runs: dict = {"before": [], "now": []}
     for r in range(args.warmup + args.reps):
@@ -379,12 +397,12 @@ def generation_before_after(args, cfg, model, examples, stop_ids, pad_id) -> dic
             log(f"generation {r + 1}/{args.warmup + args.reps}: {who}")
             rng = random.Random(r)
             torch.manual_seed(r)
-            with generate_kwargs(model, **(hf_sampling(cfg) if who == "before" else {})):
-                t = time.perf_counter()
-                tuples = sapo.make_negatives(model, examples, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
-                                             cfg.temperature, cfg.top_p, cfg.top_k,
-                                             dtype=None if who == "before" else now_dtype)
-                dt = time.perf_counter() - t
+            generate = sapo.generate_segments if who == "before" else sapo.ops_for(cfg, torch.device("cpu")).generate
+            t = time.perf_counter()
+            tuples = sapo.make_negatives(model, examples, cfg.segment_len, cfg.max_length, rng, pad_id, stop_ids,
+                                         sapo.segment_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
+                                         generate=generate)
+            dt = time.perf_counter() - t
             if r >= args.warmup:
                 runs[who].append({"s": dt, "tokens": sum(x["segment_len"] for x in tuples)})
     out = {"rows": len(examples), "segment_len": cfg.segment_len, "generator_dtype_now": str(now_dtype).split(".")[-1]}
@@ -455,13 +473,13 @@ def memory_child(args) -> dict:
     base = rss_gb()
     cfg = make_config(args, args.memory_child)
     device = torch.device("cpu")
-    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_utils.models.load_model_and_tokenizer(args.model)
     _, examples = load_batch(args, tok)
     pad_id, stop_ids = tok.pad_token_id, sapo.stop_token_ids(policy, tok)
     policy.train()
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    opt = sapo.make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+    opt = optimizer_for(cfg, [p for p in policy.parameters() if p.requires_grad])
     gc.collect()
     setup = rss_gb()
     reset_ok = reset_peak_rss()
@@ -479,7 +497,7 @@ def memory_child(args) -> dict:
     state += sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
     state += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     state += 2 * shape["param_bytes"]                                          # EMA + reference
-    twin = sapo_io.generation_copy(ema, generator_dtype(cfg, device))          # the generator's copy, if one is kept
+    twin = sapo_fast.generator_copy(ema, generator_dtype(cfg, device))          # the generator's copy, if one is kept
     state += sum(p.numel() * p.element_size() for p in twin.parameters()) if twin is not ema else 0
     return {"runtime_baseline_gb": base, "after_setup_gb": setup, "peak_rss_gb": peak, "peak_reset": reset_ok,
             "floor_gb": state / GB, "activations_gb": act / GB, "generator_copy": twin is not ema}
@@ -543,7 +561,7 @@ def loss_trajectories(args, policy, ref, start, batch, pad_id, device, n: int) -
         reset(policy, start)
         reset(ref, start)
         cfg = make_config(args, prec)
-        opt = sapo.make_optimizer(cfg, policy.parameters())
+        opt = optimizer_for(cfg, policy.parameters())
         out[prec] = [our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device) for _ in range(n)]
     reset(policy, start)
     a, b = out["fp32"], out["bf16-mixed"]
@@ -565,7 +583,7 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
     log("loading model")
-    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_utils.models.load_model_and_tokenizer(args.model)
     policy.train()
     init_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     ties_at_start = bf16_ties(policy)
@@ -591,7 +609,7 @@ def run(args) -> dict:
 
     # 1. our DPO step vs TRL's, alternating
     cfg32 = make_config(args, "fp32")
-    opt = sapo.make_optimizer(cfg32, policy.parameters())
+    opt = optimizer_for(cfg32, policy.parameters())
     ours, trl_runs, trl_res = [], [], None
     if not args.no_trl:
         log("TRL DPOTrainer setup")
@@ -650,7 +668,7 @@ def run(args) -> dict:
         o16_med = o_med
     reset(policy, init_state)
     cfg16 = make_config(args, "bf16-mixed")
-    opt16 = sapo.make_optimizer(cfg16, policy.parameters())
+    opt16 = optimizer_for(cfg16, policy.parameters())
     bf = []
     for r in range(bf16_warmup + bf16_reps):
         log(f"bf16-mixed DPO step {r + 1}/{bf16_warmup + bf16_reps} ({nb} pairs)")
@@ -696,7 +714,7 @@ def run(args) -> dict:
     for prec, cfg in (("fp32", cfg32), ("bf16-mixed", cfg16)):
         reset(policy, init_state)
         ema = copy.deepcopy(policy).eval().requires_grad_(False)
-        opt = sapo.make_optimizer(cfg, policy.parameters())
+        opt = optimizer_for(cfg, policy.parameters())
         opt.load_state_dict(copy.deepcopy(opt_state))
         buffer, rng = sapo.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling), random.Random(args.seed)
         torch.manual_seed(args.seed)
@@ -757,46 +775,35 @@ def run_levers(args) -> dict:
     (sapo.py before packing)."""
     res: dict = {"command": args.command, "mode": "levers", "machine": machine_info()}
     device = torch.device("cpu")
-    policy, tok = sapo_io.load_model_and_tokenizer(args.model)
+    policy, tok = sapo_utils.models.load_model_and_tokenizer(args.model)
     policy.train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     batch, _ = load_batch(args, tok)
     stats, pad_id = batch_stats(batch), tok.pad_token_id
     cfg = make_config(args, "fp32")
-    shared_ok = sapo._shared_prefix_ok(policy) and sapo._shared_prefix_ok(ref)
-
-    def layout(shared: bool):
-        policy._sapo_shared_prefix = ref._sapo_shared_prefix = shared and shared_ok
-
-    with torch.no_grad():                                 # both layouts compute the same numbers
-        layout(True)
-        a = sapo.preference_logps(policy, batch, pad_id, device)
-        layout(False)
-        b = sapo.preference_logps(policy, batch, pad_id, device)
+    shared_ok = (sapo_fast.packing_ok(policy, sapo.preference_logps)
+                 and sapo_fast.packing_ok(ref, sapo.preference_logps))
+    layouts = {"packed": timed_ops(cfg, device), "two rows": timed_ops(cfg, device, two_rows=True),
+               "unpacked": timed_ops(cfg, device, pack=False)}
+    with torch.no_grad():                                 # every layout computes the same numbers
+        a, b, c = (layouts[k].preference_logps(policy, batch, pad_id, device) for k in layouts)
     res["batch"], res["shared_prefix_supported"] = stats, shared_ok
     res["layouts_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], b[:2]))
-    with torch.no_grad(), packing(False):
-        c = sapo.preference_logps(policy, batch, pad_id, device)
     res["unpacked_max_abs_logps_diff"] = max(float((x - y).abs().max()) for x, y in zip(a[:2], c[:2]))
     fused = lambda: torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # noqa: E731
-    configs = {"sapo.py as is (shared prefix, tuples packed into rows)": (True, sapo.make_optimizer(cfg, policy.parameters()), True),
-               "two rows per pair": (False, sapo.make_optimizer(cfg, policy.parameters()), True),
-               "shared prefix + fused AdamW": (True, fused(), True),
-               "two rows + fused AdamW": (False, fused(), True),
-               "shared prefix, one row per tuple (not packed)": (True, sapo.make_optimizer(cfg, policy.parameters()), False)}
+    configs = {"sapo.py as is (shared prefix, tuples packed into rows)": ("packed", optimizer_for(cfg, policy.parameters())),
+               "two rows per pair": ("two rows", optimizer_for(cfg, policy.parameters())),
+               "shared prefix + fused AdamW": ("packed", fused()),
+               "two rows + fused AdamW": ("two rows", fused()),
+               "shared prefix, one row per tuple (not packed)": ("unpacked", optimizer_for(cfg, policy.parameters()))}
     runs, names = {k: [] for k in configs}, list(configs)
-    try:
-        for r in range(args.warmup + args.reps):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                log(f"lever round {r + 1}/{args.warmup + args.reps}: {name}")
-                shared, opt, packed = configs[name]
-                layout(shared)
-                with packing(packed):
-                    out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device)
-                if r >= args.warmup:
-                    runs[name].append(out)
-    finally:
-        layout(True)
+    for r in range(args.warmup + args.reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            log(f"lever round {r + 1}/{args.warmup + args.reps}: {name}")
+            kind, opt = configs[name]
+            out = our_dpo_step(cfg, policy, ref, opt, batch, pad_id, device, layouts[kind])
+            if r >= args.warmup:
+                runs[name].append(out)
     base = medians(runs[names[0]])["step"]
     res["levers"] = {k: {**medians(v), "tokens_per_s": stats["real_tokens"] / medians(v)["step"],
                          "speedup": base / medians(v)["step"]} for k, v in runs.items()}
@@ -804,17 +811,6 @@ def run_levers(args) -> dict:
     res["generation"] = generation_levers(args, ref, tok, batch)
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
     return res
-
-
-@contextlib.contextmanager
-def packing(on: bool):
-    """sapo.shared_prefix_logps looks shared_prefix_layout up at call time: with pack=on, in this process only."""
-    original = sapo.shared_prefix_layout
-    sapo.shared_prefix_layout = lambda batch, pad_id: original(batch, pad_id, pack=on)
-    try:
-        yield
-    finally:
-        sapo.shared_prefix_layout = original
 
 
 class _Fp32Head:
@@ -873,14 +869,16 @@ def generation_levers(args, model, tok, batch) -> dict:
     rows = [r for r in (4, 8, 16, 32) if r <= len(examples)]
     out: dict = {"segment_len": G, "by_rows": {}, "at_8_rows": {}}
 
-    def timed(gen, n_rows, warmup=args.warmup, **generate_kw):
+    def timed(gen, n_rows, warmup=args.warmup, plain=False, **generate_kw):
         times, tokens, first = [], [], []
+        generate = sapo.generate_segments if plain else FAST_GENERATE
         with generate_kwargs(gen, **generate_kw):
             for r in range(warmup + args.reps):
                 rng = random.Random(r)
                 torch.manual_seed(r)
                 t = time.perf_counter()
-                tuples = sapo.make_negatives(gen, examples[:n_rows], G, args.max_length, rng, pad_id, stop_ids)
+                tuples = sapo.make_negatives(gen, examples[:n_rows], G, args.max_length, rng, pad_id, stop_ids,
+                                             SAMPLING, generate=generate)
                 (times if r >= warmup else first).append(time.perf_counter() - t)
                 if r >= warmup:
                     tokens.append(sum(x["segment_len"] for x in tuples))
@@ -892,13 +890,12 @@ def generation_levers(args, model, tok, batch) -> dict:
         log(f"generation: {n} rows per call")
         out["by_rows"][n] = timed(model, n)
     n = min(8, len(examples))
-    hf = hf_sampling(sapo.Config())
-    twin = copy.deepcopy(sapo_io.generation_copy(model, torch.bfloat16))   # what --generator-dtype bf16 generates with
-    for name, gen, kw in (("fp32, transformers' sampler (sapo.py before)", model, hf),
-                          ("bf16 copy, transformers' sampler", twin, hf),
-                          ("bf16 copy, TopKTopPSampler (sapo.py now where bf16 is native)", twin, {})):
+    twin = copy.deepcopy(sapo_fast.generator_copy(model, torch.bfloat16))   # what --generator-dtype bf16 generates with
+    for name, gen, plain in (("fp32, transformers' sampler (--plain)", model, True),
+                             ("bf16 copy, transformers' sampler", twin, True),
+                             ("bf16 copy, TopKTopPSampler (the default where bf16 is native)", twin, False)):
         log(f"generation: {name}")
-        out["at_8_rows"][name] = timed(gen, n, **kw)
+        out["at_8_rows"][name] = timed(gen, n, plain=plain)
     out["split"] = generation_split(args, twin, examples[:n], pad_id, stop_ids)
     for rows_ in (16, 32):
         if rows_ <= len(examples):
@@ -943,7 +940,8 @@ def generation_split(args, gen, examples, pad_id, stop_ids) -> dict:
             torch.manual_seed(r)
             calls.clear()
             t = time.perf_counter()
-            sapo.make_negatives(gen, examples, args.segment_len, args.max_length, rng, pad_id, stop_ids)
+            sapo.make_negatives(gen, examples, args.segment_len, args.max_length, rng, pad_id, stop_ids, SAMPLING,
+                                generate=FAST_GENERATE)
             total = time.perf_counter() - t
             prefill = sum(d for d, width in calls if width > 1)
             decode = [d for d, width in calls if width == 1]
