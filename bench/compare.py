@@ -7,7 +7,7 @@
 
 Writes bench/results/results.json, bench/results/table.md and bench/results/compare.png (--out); the per-run
 details (greedy answers, training metrics) stay in runs/compare/ (--work-dir), where a killed run restarts
-without redoing finished runs. bench/COMPARE.md says what the table does and does not show.
+without redoing finished runs. docs/comparison.md says what the table does and does not show.
 
 The protocol, and where each choice is made:
   stage 0  data: the bundled IFEval-lite train split is cut once (seed 0) into a preference subset of

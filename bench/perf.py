@@ -1,7 +1,7 @@
 """Speed and memory of sapo.py's training step on this machine, in one run, against TRL and against the limit.
 
     pip install torch==2.13.0 -r bench/requirements-perf.txt     # TRL, for the peer comparison (not a project dependency)
-    python bench/perf.py            # full run (the figures in README.md and bench/PERF.md); ~14 minutes on 2 idle cores
+    python bench/perf.py            # full run (the figures in docs/performance.md); ~14 minutes on 2 idle cores
     python bench/perf.py --quick    # tiny settings, one repetition: checks that everything runs (tests/test_perf.py)
 
 Same model (SmolLM2-135M-Instruct, fp32 weights, CPU), same batch (rows of data/ifeval_lite_train.jsonl
