@@ -700,7 +700,7 @@ def run(args) -> dict:
         res["precision"] = None
     del opt16
 
-    # 2a. segment generation, sapo.py before this change vs now, on the fp32 SAPO step's micro-batch
+    # 2a. segment generation, the plain path vs the default one, on the fp32 SAPO step's micro-batch
     ema0 = copy.deepcopy(policy).eval().requires_grad_(False)
     res["generation"] = generation_before_after(args, dataclasses.replace(cfg32, batch_size=len(examples)), ema0,
                                                 examples, stop_ids, pad_id)

@@ -29,7 +29,7 @@ FIGURES = [
       for k in ("ema_update", "generation", "buffer", "ref_forward", "policy_forward", "backward", "optimizer", "step",
                 "gen_tokens", "gen_tokens_per_s", "ratio_to_dpo", "ratio_to_dpo_equal_tokens", "ref_refresh_per_step")],
     "dpo.profile.matmul_share", "dpo.profile.matmul_gflops", "dpo.profile.matmul_efficiency",
-    # 2a. segment generation, sapo.py before the sampler and generator-dtype change vs now
+    # 2a. segment generation, the plain path (--plain) vs the default one
     "generation.before.s", "generation.before.tokens_per_s", "generation.now.s", "generation.now.tokens_per_s",
     "generation.speedup_tokens_per_s",
     # 3. against the limit, fp32 and bf16
@@ -83,9 +83,9 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
     assert again.returncode == 0 and "linear-layer work executed" in again.stdout
     assert again.stdout.split("\n", 1)[1].strip() in r.stdout
     # the SAPO step generates with the weights sapo.train would pick here
-    import sapo_io
     import torch
-    want = str(sapo_io.generation_dtype("auto", "fp32", torch.device("cpu"))).split(".")[-1]
+    import sapo_fast
+    want = str(sapo_fast.generation_dtype("auto", "fp32", torch.device("cpu"))).split(".")[-1]
     assert res["sapo"]["fp32"]["generator_dtype"] == res["generation"]["generator_dtype_now"] == want
     assert res["memory"]["fp32"]["generator_copy"] == (want == "bfloat16")
 
@@ -105,7 +105,7 @@ def test_perf_levers_quick_reports_every_lever(tmp_path, tiny_llama_dir):
     assert 0 <= res["unpacked_max_abs_logps_diff"] < 1e-3 and 0 <= res["layouts_max_abs_logps_diff"] < 1e-3
     assert res["batch"]["distinct_padded_tokens"] <= res["batch"]["unpacked_padded_tokens"]
     gen = res["generation"]
-    for name in ("fp32, transformers' sampler (sapo.py before)", "bf16 copy, TopKTopPSampler (sapo.py now where bf16 "
+    for name in ("fp32, transformers' sampler (--plain)", "bf16 copy, TopKTopPSampler (the default where bf16 "
                  "is native)", "static KV cache", "bf16 copy, static KV cache"):
         assert gen["at_8_rows"][name]["tokens_per_s"] > 0, (name, gen["at_8_rows"][name])
     assert all(gen[k] > 0 for k in ("bare_decoding_step_ms", "matmuls_alone_ms", "bf16_bare_decoding_step_ms"))
