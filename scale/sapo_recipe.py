@@ -3,7 +3,7 @@ torchtune's HF checkpointer; full fine-tuning or LoRA; one process to many nodes
 
 The algorithm is sapo.py's, called, not copied: the recipe hands sapo.py's functions its torchtune forward and
 decode where a transformers model would go. sapo.sequence_logps / sapo.preference_logps get
-`logits_at=torchtune_logits_at`; sapo.make_negatives gets `generate=` a KV-cached torchtune decode split across
+`logps_at=torchtune_logps_at`; sapo.make_negatives gets `generate=` a KV-cached torchtune decode split across
 processes; the packed layout is sapo_fast.shared_prefix_layout and sapo_fast.sums_by_tuple; the losses, EMA update,
 reference refresh rule (sapo.refresh_due), replay buffer and tuples, prompt stream, row formats, LR schedule,
 metrics and samples files are the core's. What lives here is what torchtune and many processes need: building
@@ -202,7 +202,7 @@ def _model_max_seq_len(cfg_model: DictConfig) -> int:
 # 2. Data: sapo.py's row formats (sapo_utils.data), torchtune's tokenizers
 # ---------------------------------------------------------------------------------------------------
 
-def encode_example(tokenizer, prompt: list[dict], chosen: str, row: dict | None = None) -> sapo.Example:
+def encode_torchtune_example(tokenizer, prompt: list[dict], chosen: str, row: dict | None = None) -> sapo.Example:
     """(x, y+) as token ids with a torchtune tokenizer. x ends where the assistant's text starts (its header
     included, for Llama-3); y+ is that text plus the turn's end token. tokenize_messages marks the assistant
     turn with mask False; Llama-3 also puts the assistant header in that turn, which belongs to x."""
@@ -223,7 +223,7 @@ def load_torchtune_examples(source: str, split: str, tokenizer, max_length: int,
     skipped)."""
     examples, skipped = [], 0
     for _, row, (prompt, chosen, _) in parse_rows(read_rows(source, split), columns):
-        e = encode_example(tokenizer, prompt, chosen, row if isinstance(row, dict) else None)
+        e = encode_torchtune_example(tokenizer, prompt, chosen, row if isinstance(row, dict) else None)
         if len(e.prompt_ids) > max_prompt_length or len(e.prompt_ids) + len(e.chosen_ids) > max_length:
             skipped += 1
         else:
@@ -250,55 +250,60 @@ class _Decoder:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Log-probs on torchtune models: sapo.py's functions, with a torchtune forward as their logits_at
+# 3. Log-probs on torchtune models: sapo.py's functions, with a torchtune forward as their logps_at
 # ---------------------------------------------------------------------------------------------------
 
 def _unembed_at_positions(self, h):
-    """Replaces TransformerDecoder.unembed on our models: with `self.sapo_positions` (B, T) set, the output
-    layer runs on those N positions only and returns (N, V) logits. At V = 128k, (B, T, V) logits would
-    dominate memory (sapo_fast.head_logits does the same for transformers models)."""
+    """Replaces TransformerDecoder.unembed on our models. With `self.sapo_positions` set (a (B, T) bool mask or
+    (rows, positions) index tensors), the output layer runs at those N positions only: logits (N, V), or, with
+    `self.sapo_targets` (N,) set too, the targets' token log-probs (N,) through sapo_fast.chunked_token_logps, a few
+    thousand positions at a time, recomputed in backward: no (N, V) logits for a whole batch are ever alive (at
+    V = 128k they would dominate memory). Inside the model's forward, so FSDP has the weights gathered."""
     h = self.norm(h)
-    if self.sapo_positions is not None:
-        h = h[self.sapo_positions]        # (B, T, D) -> (N, D): a (B, T) bool mask or (rows, positions) index tensors
-    return self.output(h)
+    if self.sapo_positions is None:
+        return self.output(h)
+    h = h[self.sapo_positions]                                           # (N, D)
+    if self.sapo_targets is None:
+        return self.output(h)                                            # (N, V)
+    return sapo_fast.chunked_token_logps(self.output, h, self.sapo_targets)  # (N,)
 
 
 def enable_position_selection(model: nn.Module) -> None:
-    model.sapo_positions = None
+    model.sapo_positions = model.sapo_targets = None
     model.unembed = MethodType(_unembed_at_positions, model)
 
 
 @contextlib.contextmanager
-def selected_positions(model, positions):
-    """Within this block, model(tokens) returns logits at `positions` only, (N, V): a (B, T) bool mask, or a pair
-    of (N,) index tensors (rows, positions), which may repeat a position."""
-    model.sapo_positions = positions
+def selected_positions(model, positions, targets=None):
+    """Within this block, model(tokens) returns logits at `positions` only, (N, V), or with targets (N,) their
+    token log-probs (N,). positions: a (B, T) bool mask, or a pair of (N,) index tensors (rows, positions), which
+    may repeat a position."""
+    model.sapo_positions, model.sapo_targets = positions, targets
     try:
         yield
     finally:
-        model.sapo_positions = None
+        model.sapo_positions = model.sapo_targets = None
 
 
-def torchtune_logits_at(model, input_ids, attention_mask, at):
-    """sapo.full_logits for a torchtune decoder, the `logits_at` of sapo.sequence_logps / sapo.preference_logps:
-    logits (N, V) at the N positions `at` (B, T) marks, the output layer run at those positions only. Right
-    padding needs no attention mask: under the causal mask no real token sees a pad."""
-    with selected_positions(model, at):
+def torchtune_logps_at(model, input_ids, attention_mask, at, targets):
+    """sapo.full_logps_at for a torchtune decoder, the `logps_at` of sapo.sequence_logps / sapo.preference_logps:
+    token log-probs (N,) at the N positions `at` (B, T) marks, the output layer run at those positions only, in
+    chunks. Right padding needs no attention mask: under the causal mask no real token sees a pad."""
+    with selected_positions(model, at, targets):
         return model(input_ids)
 
 
 def two_row_torchtune_logps(model, batch: list[dict], pad_id: int, device):
     """sapo.preference_logps on a torchtune decoder: two rows per tuple, (sum+, sum-, n+, n-), each (B,)."""
-    return sapo.preference_logps(model, batch, pad_id, device, logits_at=torchtune_logits_at)
+    return sapo.preference_logps(model, batch, pad_id, device, logps_at=torchtune_logps_at)
 
 
 def _packed_forward(model, layout: dict, batch_size: int):
     """(sum+, sum-, n+, n-) from a sapo_fast.shared_prefix_layout already on the device: one forward with the
     layout's mask (bool, True: may attend) and positions as torchtune's `mask` and `input_pos`, the output layer at
-    the N scored positions only."""
-    with selected_positions(model, (layout["row_of"], layout["h_at"])):
-        logits = model(layout["ids"], mask=layout["allow"], input_pos=layout["pos"])         # (N, V)
-    token_logps = -F.cross_entropy(logits.float(), layout["targets"], reduction="none")   # (N,)
+    the N scored positions only, in chunks."""
+    with selected_positions(model, (layout["row_of"], layout["h_at"]), layout["targets"]):
+        token_logps = model(layout["ids"], mask=layout["allow"], input_pos=layout["pos"])   # (N,)
     sum_pos, sum_neg = sapo_fast.sums_by_tuple(token_logps, layout, batch_size)
     return sum_pos, sum_neg, layout["n_pos"], layout["n_neg"]
 

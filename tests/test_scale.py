@@ -22,7 +22,7 @@ What is compared, and how tightly (measured on the 2-core dev machine, fp32):
     (to bf16 rounding).
   - Non-finite steps: the recipe run in this process with a NaN loss injected at step 2 skips that optimizer
     step (policy saved after step 2 == after step 1, bit for bit), counts it and goes on.
-  - Pieces, in process: sapo.preference_logps with the torchtune forward as its logits_at, and the packed
+  - Pieces, in process: sapo.preference_logps with the torchtune forward as its logps_at, and the packed
     torchtune layout, == sapo.preference_logps on the transformers model (1e-4 relative on sums of ~100 tokens);
     greedy KV-cached segments == transformers' generate; per-row seeded sampling does not depend on the batch;
     the top-k / top-p kept sets == transformers' warpers, and sapo_fast.TopKTopPSampler draws from the same
@@ -167,7 +167,7 @@ def test_sentencepiece_tokenizer_split(tmp_path):
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     tok = mistral_tokenizer(str(tmp_path / "spm.model"))
     prompt, chosen = [{"role": "user", "content": "Explain tea."}], "Tea is brewed with hot water."
-    e = R.encode_example(tok, prompt, chosen)
+    e = R.encode_torchtune_example(tok, prompt, chosen)
     full, _ = tok.tokenize_messages([Message("user", "Explain tea.", masked=True), Message("assistant", chosen)])
     assert e.prompt_ids + e.chosen_ids == full
     assert e.prompt_ids[0] == tok.bos_id and e.chosen_ids[-1] == tok.eos_id
@@ -208,7 +208,7 @@ def test_recipe_defines_no_twins():
 
 def test_logps_match_sapo_sequence_logps(tiny_dir, tmp_path):
     """Per-sequence summed log-probs of response tokens: sapo.preference_logps with the torchtune forward as its
-    logits_at (the output layer at response positions only), and the packed torchtune layout, == sapo.py's plain
+    logps_at (the output layer at response positions only), and the packed torchtune layout, == sapo.py's plain
     two rows on the transformers model."""
     hf_model, hf_tok = load_model_and_tokenizer(str(tiny_dir))
     tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
