@@ -47,7 +47,7 @@ Where this recipe departs from sapo.py, and why
   - Segments are sampled by our own loop on torchtune's KV cache (torchtune's `generate` has no top-p and
     runs the output layer over the whole prompt). Its noise is seeded per (seed, step, micro-batch, row), so a
     negative does not depend on the number of processes, and a resumed run draws the same negatives. The
-    distribution is transformers' temperature, top-k, top-p (sampling_probs). Greedy when top_k = 1 (the tests
+    distribution is transformers' temperature, top-k, top-p (sapo_fast.TopKTopPSampler.kept). Greedy when top_k = 1 (the tests
     use that to compare with transformers' generate in sapo.py).
   - Prompts are encoded with torchtune's tokenizers (`tokenize_messages`): y+ is the assistant's text plus its
     end-of-turn token (Llama-3 <|eot_id|>, Mistral </s>); torchtune's extra <|end_of_text|> after the last turn
@@ -365,31 +365,17 @@ def row_seed(seed: int, step: int, micro: int, row: int) -> int:
     return random.Random(f"{seed}-{step}-{micro}-{row}").getrandbits(63)
 
 
-def sampling_probs(logits, temperature: float, top_k: int, top_p: float):
-    """Probabilities to sample from (B, V), zero outside the kept set: what sapo.generate_segments samples from
-    with generate(do_sample=True, temperature, top_k, top_p), i.e. transformers' TemperatureLogitsWarper, then
-    TopKLogitsWarper (ties at the k-th value kept), then TopPLogitsWarper (the top token always kept), then a
-    softmax; sapo_fast.TopKTopPSampler draws from the same distribution over the top-k only.
-    tests/test_scale.py compares the kept sets with transformers' warpers. Here the probabilities are needed
-    whole, for the seeded exponential race (sample_next), which TopKTopPSampler's multinomial draw is not."""
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1.0:   # keep the most likely tokens until their mass reaches top_p; the top token always stays
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return probs
-
-
 def sample_next(logits, noise, temperature: float, top_k: int, top_p: float):
-    """Next tokens (B,) from logits (B, V) by the exponential race argmax(p / E), E ~ Exp(1) (noise), which
-    draws from p (gpt-fast, torchtune's sampler). top_k = 1 is greedy."""
+    """Next tokens (B,) from logits (B, V): the distribution sapo_fast.TopKTopPSampler keeps (transformers'
+    temperature, then top-k, then top-p), drawn by the exponential race argmax(p / E) over the kept tokens, with
+    E ~ Exp(1) the row's own seeded noise (B, V) (gpt-fast, torchtune's sampler): a negative then depends neither on
+    the number of processes nor on a resume, which a multinomial draw on the global generator would. top_k = 1 is
+    greedy."""
     if top_k == 1:
         return logits.argmax(-1)
-    return (sampling_probs(logits, temperature, top_k, top_p) / noise).argmax(-1)
+    p, idx = sapo_fast.TopKTopPSampler(temperature, top_k, top_p).kept(logits)     # (B, k'), (B, k')
+    pick = (p / noise.gather(-1, idx)).argmax(-1, keepdim=True)
+    return idx.gather(-1, pick).squeeze(-1)
 
 
 @torch.no_grad()

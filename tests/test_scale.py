@@ -256,14 +256,15 @@ def test_sampling_is_seeded_per_row(tiny_dir, tmp_path):
 
 
 def test_sampling_filters_match_transformers():
-    """The kept set of temperature + top-k + top-p is transformers' (TopKLogitsWarper, TopPLogitsWarper), the
-    exponential race draws from the renormalised kept probabilities, and sapo_fast.TopKTopPSampler (what sapo.py
-    samples with by default) draws from the same distribution."""
+    """The kept set of temperature + top-k + top-p (sapo_fast.TopKTopPSampler.kept, which the recipe's race and
+    sapo.py's default sampler share) is transformers' (TopKLogitsWarper, TopPLogitsWarper), and the recipe's
+    exponential race draws from the renormalised kept probabilities."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 40, generator=g) * 3
     for top_k, top_p in [(0, 0.9), (5, 1.0), (10, 0.5), (50, 0.95)]:
-        ours = R.sampling_probs(logits, 0.7, top_k, top_p) > 0
+        p, idx = sapo_fast.TopKTopPSampler(0.7, top_k, top_p).kept(logits)
+        ours = torch.zeros_like(logits).scatter(-1, idx, p) > 0
         x = TemperatureLogitsWarper(0.7)(None, logits.clone())
         if top_k:
             x = TopKLogitsWarper(top_k)(None, x)
@@ -277,9 +278,11 @@ def test_sampling_filters_match_transformers():
     assert set(R.sample_next(row, noise, 1.0, 1, 1.0).tolist()) == {0}   # top_k 1: greedy
     torch.manual_seed(0)
     scores = torch.randn(1, 12) * 2
-    p = R.sampling_probs(scores, 0.7, 6, 0.9)[0]
-    p = p / p.sum()                                                      # the race needs no renormalisation
-    drawn = sapo_fast.TopKTopPSampler(0.7, 6, 0.9)(None, scores.expand(40000, 12).clone()).argmax(-1)
+    kept, idx = sapo_fast.TopKTopPSampler(0.7, 6, 0.9).kept(scores)
+    p = torch.zeros(12).scatter(0, idx[0], kept[0])
+    p = p / p.sum()
+    race_noise = torch.empty(40000, 12).exponential_(1, generator=g)
+    drawn = R.sample_next(scores.expand(40000, 12), race_noise, 0.7, 6, 0.9)   # the race draws from p
     freq = torch.bincount(drawn, minlength=12).float() / 40000
     assert torch.equal(freq > 0, p > 0) and (freq - p).abs().max() < 0.015, (freq, p)
 
