@@ -17,7 +17,9 @@ the CLI) lives in sapo_utils/; tasks and their scorers in tasks/.
 
 Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7a210):
  1. Replay sampling is weighted 1/(times_sampled+1) as in their code (the paper: "randomly
-    sampled"; --buffer-sampling uniform). The counts are saved in checkpoints (theirs reset).
+    sampled"; --buffer-sampling uniform). The counts live in the tuples, so a resume keeps them
+    (theirs are saved keyed by object id, so lost on resume). One buffer for the whole run
+    (theirs: one of 2000 per GPU, each GPU sampling only its own).
  2. The reference is refreshed from the EMA every --ref-update-steps (theirs: a hard-coded 108)
     at their moment: a step's start, right after its EMA update; -1 means once per epoch.
  3. x ends with the template's assistant header and y+ is the bare answer + EOS; theirs put the
@@ -27,12 +29,13 @@ Departures from the paper and the authors' code (github.com/yinyueqin/SAPO @ 5d7
     with the template's special tokens; theirs keep |x| < max_prompt_length.
  5. Their collator sets the attention mask to 0 at every EOS inside x and y+ (utils.py), so
     later tokens never see a template's turn-closing EOS; here every real token is attended.
- 6. A segment stops at any of the model's stop tokens (tokenizer EOS and the generation
-    config's, e.g. Llama-3's <|eot_id|>); theirs stops only at tokenizer.eos_token_id.
+ 6. A segment stops, and is spliced, at any of the model's stop tokens (tokenizer EOS and the
+    generation config's, e.g. Llama-3's <|eot_id|>); theirs splices only at
+    tokenizer.eos_token_id (generation itself stops at the generation config's).
  7. ORPO's NLL is the token mean over y+ only, padding masked (theirs, old TRL: prompt and
     padding too).
  8. Small-scale defaults: AdamW, lr 1e-6, batch 4 (theirs: 8 per GPU x 8 GPUs = 64), max length
-    512, G = 32, fp32 weights (theirs: bf16). Their values are flags (--help names them; their
+    512, G = 32, fp32 (theirs: bf16 under DeepSpeed ZeRO-3). Their values are flags (--help names them; their
     ORPO warmup: --warmup-steps 100), with one exception: their ORPO optimizer is 8-bit AdamW
     (adamw_bnb_8bit); bitsandbytes is not a dependency here, --optimizer adamw is its
     full-precision form.
