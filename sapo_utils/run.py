@@ -320,7 +320,7 @@ class Run:
         """Add timings, the share of negatives equal to y+ and the held-out scores due; log;
         write sample negatives; checkpoint when due or after a signal; call on_step; stop
         after a signal."""
-        from sapo_utils.report import append_samples
+        from sapo_utils.report import append_samples, identical
         cfg = self.cfg
         online = negatives in ("ema", "policy")
         written = sum(t["segment_len"] for t in fresh_tuples) if online else 0
@@ -330,7 +330,7 @@ class Run:
         if negatives == "none":
             fresh_tuples = []
         else:
-            same = [t["rejected_ids"] == t["chosen_ids"] for t in fresh_tuples]
+            same = identical(fresh_tuples)
             metrics["negatives/identical"] = sum(same) / max(1, len(same))
         room = cfg.num_samples - self.n_samples
         self.n_samples += append_samples(self.out / "samples.jsonl", tok, fresh_tuples, step, room)

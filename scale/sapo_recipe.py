@@ -112,8 +112,9 @@ from torchtune.training.checkpointing._utils import safe_torch_load
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import sapo` also when launched from elsewhere
 import sapo  # noqa: E402
 import sapo_fast  # noqa: E402
-from sapo_utils.data import PromptStream, parse_columns, parse_rows, read_rows  # noqa: E402
+from sapo_utils.data import PromptStream, parse_columns  # noqa: E402
 from sapo_utils.errors import Stopped, UserError  # noqa: E402
+from sapo_utils.report import preference_metrics  # noqa: E402
 from sapo_utils.optim import guarded_step, make_scheduler  # noqa: E402
 from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E402
 from sapo_utils.run import StopSignals, seed_everything  # noqa: E402
@@ -202,36 +203,19 @@ def _model_max_seq_len(cfg_model: DictConfig) -> int:
 # 2. Data: sapo.py's row formats (sapo_utils.data), torchtune's tokenizers
 # ---------------------------------------------------------------------------------------------------
 
-def encode_torchtune_example(tokenizer, prompt: list[dict], chosen: str, row: dict | None = None) -> sapo.Example:
-    """(x, y+) as token ids with a torchtune tokenizer. x ends where the assistant's text starts (its header
-    included, for Llama-3); y+ is that text plus the turn's end token. tokenize_messages marks the assistant
-    turn with mask False; Llama-3 also puts the assistant header in that turn, which belongs to x."""
+def encode_torchtune_example(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(x, y) as token ids with a torchtune tokenizer: sapo.encode_example's counterpart, passed to
+    sapo.load_examples (which reads rows through sapo_utils.data, so every row format and dataset.columns behave
+    as in sapo.py). x ends where the assistant's text starts (its header included, for Llama-3); y is that text
+    plus the turn's end token. tokenize_messages marks the assistant turn with mask False; Llama-3 also puts the
+    assistant header in that turn, which belongs to x."""
     messages = [Message(role=m["role"], content=m["content"], masked=True) for m in prompt]
-    tokens, mask = tokenizer.tokenize_messages(messages + [Message(role="assistant", content=chosen, masked=False)])
+    tokens, mask = tokenizer.tokenize_messages(messages + [Message(role="assistant", content=response, masked=False)])
     start = mask.index(False)
     end = len(mask) - mask[::-1].index(False)      # one past the turn's last token; drops a trailing <|end_of_text|>
     if hasattr(tokenizer, "tokenize_message"):     # Llama-3: skip the assistant header
         start += len(tokenizer.tokenize_message(Message(role="assistant", content=""), add_end_tokens=False))
-    return sapo.Example(tokens[:start], tokens[start:end], row=row)
-
-
-def load_torchtune_examples(source: str, split: str, tokenizer, max_length: int, max_prompt_length: int,
-                            columns: str = "") -> tuple[list[sapo.Example], int]:
-    """sapo.load_examples with a torchtune tokenizer: rows read, mapped (columns: sapo.py's --columns) and
-    validated by sapo_utils.data.read_rows / parse_rows, so every row format behaves as in sapo.py; examples whose
-    prompt or prompt + response is too long are skipped (y+ is never truncated). Returns (examples, number
-    skipped)."""
-    examples, skipped = [], 0
-    for _, row, (prompt, chosen, _) in parse_rows(read_rows(source, split), columns):
-        e = encode_torchtune_example(tokenizer, prompt, chosen, row if isinstance(row, dict) else None)
-        if len(e.prompt_ids) > max_prompt_length or len(e.prompt_ids) + len(e.chosen_ids) > max_length:
-            skipped += 1
-        else:
-            examples.append(e)
-    if not examples:
-        raise ConfigError(f"dataset.source: {source}: no example fits max_prompt_length={max_prompt_length} / "
-                          f"max_length={max_length}")
-    return examples, skipped
+    return tokens[:start], tokens[start:end]
 
 
 class _Decoder:
@@ -383,7 +367,7 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
                        sampling: dict, seeds: list[int], n_steps: int | None = None, cache_dtype=torch.float32,
                        device=None) -> list[list[int]]:
     """sapo.generate_segments on a torchtune decoder: continue each context by up to max_new_tokens[i] tokens,
-    one batched KV-cached decode over left-padded contexts. sampling: sapo.segment_sampling(...) or sapo.GREEDY;
+    one batched KV-cached decode over left-padded contexts. sampling: sapo.segment_sampling(...) or sapo_utils.evaluation.GREEDY;
     row i's noise comes from seeds[i]. n_steps (>= every max_new_tokens; default their max) must be the same on
     every process of a sharded model; decoding stops early only when every row on every process is done.
     device: where the model computes (with CPU offload its parameters live in CPU RAM: pass the GPU)."""
@@ -534,10 +518,10 @@ class SAPORecipe(FTRecipeInterface):
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.pad_id = self.tokenizer.pad_id
         self.stop_ids = list(self.tokenizer.stop_tokens)   # Llama-3: end_of_text, eot, eom; Mistral: </s>
-        self.examples, skipped = load_torchtune_examples(cfg.dataset.source, cfg.dataset.get("split", "train"),
-                                                         self.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                                         cfg.dataset.get("columns") or "")
-        utils.log_rank_zero(log, f"{len(self.examples)} examples, {skipped} skipped as too long")
+        self.examples = sapo.load_examples(cfg.dataset.source, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                           cfg.dataset.get("split", "train"), verbose=self.is_rank_zero,
+                                           columns=cfg.dataset.get("columns") or "", encode=encode_torchtune_example)
+        utils.log_rank_zero(log, f"{len(self.examples)} examples")
         prompts_per_step = self.global_batch * self.grad_accum
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps") else math.ceil(cfg.epochs * len(self.examples) / prompts_per_step)
         self.ref_every = sapo.reference_period(self.sapo_cfg, len(self.examples))
@@ -795,7 +779,7 @@ class SAPORecipe(FTRecipeInterface):
             loss, log_odds, r_pos, r_neg = sapo.orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll, cfg.orpo_lambda)
             extra = {"nll_loss": nll.item(), "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
                      "log_odds_chosen": log_odds.mean().item()}
-        return loss, sapo.preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+        return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
 
     def _mean_over_processes(self, metrics: dict) -> dict:
         if self.world_size == 1:

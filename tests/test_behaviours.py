@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sapo
+from sapo_utils.evaluation import GREEDY
 import sapo_utils.cli
 import sapo_utils.errors
 import sapo_utils.models
@@ -294,7 +295,7 @@ def test_make_negatives_with_eos_at_segment_edges(tiny_llama_dir, monkeypatch):
         (t0, G0), (t1, G1), (t2, _) = [sapo.truncation_point(len(e.chosen_ids), len(e.prompt_ids), 6, 128, plan_rng)
                                        for e in examples]
         out = sapo.make_negatives(model, examples, 6, 128, random.Random(trial), tok.pad_token_id, [eos],
-                                  sapo.GREEDY, generate=stub)
+                                  GREEDY, generate=stub)
         assert [o["t"] for o in out] == [t0, t1, t2] and G0 == G1 == 6 and t2 == 0
         assert out[0]["rejected_ids"] == y[:t0] + [eos] and out[0]["segment_len"] == 1
         assert out[1]["rejected_ids"] == y[:t1] + [301] * 5 + [eos] and out[1]["segment_len"] == 6

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sapo
+from sapo_utils.evaluation import GREEDY
 import sapo_utils.models
 from tiny_models import make_tiny
 
@@ -39,7 +40,7 @@ def test_greedy_is_transformers_generate(llama, fast):
     model, tok = llama
     ctx, stop = contexts(model.config.vocab_size, seed=3), sapo_utils.models.stop_token_ids(model, tok)
     ops = sapo.ops_for(sapo.Config(plain=not fast, generator_dtype="fp32"), torch.device("cpu"))
-    ours = ops.generate(model, ctx, [6, 6, 6], tok.pad_token_id, stop, sapo.GREEDY)
+    ours = ops.generate(model, ctx, [6, 6, 6], tok.pad_token_id, stop, GREEDY)
     for c, o in zip(ctx, ours):      # one unpadded row at a time: no padding involved on their side
         out = model.generate(torch.tensor([c]), do_sample=False, max_new_tokens=6, eos_token_id=stop,
                              pad_token_id=tok.pad_token_id)[0, len(c):].tolist()

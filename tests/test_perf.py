@@ -86,15 +86,15 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
     import torch
     import sapo_fast
     want = str(sapo_fast.generation_dtype("auto", "fp32", torch.device("cpu"))).split(".")[-1]
-    assert res["sapo"]["fp32"]["generator_dtype"] == res["generation"]["generator_dtype_now"] == want
+    assert res["sapo"]["fp32"]["generator_dtype"] == res["generation"]["generator_dtype_default"] == want
     assert res["memory"]["fp32"]["generator_copy"] == (want == "bfloat16")
 
 
 def test_perf_levers_quick_reports_every_lever(tmp_path, tiny_llama_dir):
-    """--levers: the DPO-step A/B (packed as sapo.py runs, two rows, one row per tuple), the generation levers and
+    """bench/levers.py: the DPO-step A/B (packed as sapo.py runs, two rows, one row per tuple), the generation levers and
     the decoding bounds, every figure finite; the packed and unpacked layouts give the same log-probs."""
     out = tmp_path / "levers.json"
-    cmd = [sys.executable, "bench/perf.py", "--levers", "--quick", "--model", str(tiny_llama_dir), "--max-length", "512",
+    cmd = [sys.executable, "bench/levers.py", "--quick", "--model", str(tiny_llama_dir), "--max-length", "512",
            "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -145,9 +145,9 @@ def test_tiktoken_tokenizer_matches_transformers(tiny_dir):
     from transformers import AutoTokenizer
     tt = tiny_tokenizer(tiny_dir)
     hf = AutoTokenizer.from_pretrained(tiny_dir)
-    ours, skipped = R.load_torchtune_examples(str(DATA), "train", tt, 384, 256)
+    ours = sapo.load_examples(str(DATA), tt, 384, 256, verbose=False, encode=R.encode_torchtune_example)
     theirs = sapo.load_examples(str(DATA), hf, 384, 256, verbose=False)
-    assert skipped == 400 - len(theirs) and len(ours) == len(theirs) > 300
+    assert len(ours) == len(theirs) > 300
     for a, b in zip(ours, theirs):
         assert a.prompt_ids == b.prompt_ids and a.chosen_ids == b.chosen_ids
     assert ours[0].chosen_ids[-1] == tt.eot_id == hf.eos_token_id      # y+ ends with end-of-turn
@@ -167,7 +167,7 @@ def test_sentencepiece_tokenizer_split(tmp_path):
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     tok = mistral_tokenizer(str(tmp_path / "spm.model"))
     prompt, chosen = [{"role": "user", "content": "Explain tea."}], "Tea is brewed with hot water."
-    e = R.encode_torchtune_example(tok, prompt, chosen)
+    e = sapo.Example(*R.encode_torchtune_example(tok, prompt, chosen))
     full, _ = tok.tokenize_messages([Message("user", "Explain tea.", masked=True), Message("assistant", chosen)])
     assert e.prompt_ids + e.chosen_ids == full
     assert e.prompt_ids[0] == tok.bos_id and e.chosen_ids[-1] == tok.eos_id
@@ -183,9 +183,10 @@ def test_columns_map_rows_as_in_sapo_py(tiny_dir, tmp_path):
     renamed.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["chosen"]}) + "\n" for r in rows))
     standard = tmp_path / "standard.jsonl"
     standard.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in rows))
-    a, skipped_a = R.load_torchtune_examples(str(renamed), "train", tt, 384, 256, columns="prompt=question,chosen=answer")
-    b, skipped_b = R.load_torchtune_examples(str(standard), "train", tt, 384, 256)
-    assert skipped_a == skipped_b and [(e.prompt_ids, e.chosen_ids) for e in a] == [(e.prompt_ids, e.chosen_ids) for e in b]
+    a = sapo.load_examples(str(renamed), tt, 384, 256, verbose=False, columns="prompt=question,chosen=answer",
+                           encode=R.encode_torchtune_example)
+    b = sapo.load_examples(str(standard), tt, 384, 256, verbose=False, encode=R.encode_torchtune_example)
+    assert len(a) == len(b) > 0 and [(e.prompt_ids, e.chosen_ids) for e in a] == [(e.prompt_ids, e.chosen_ids) for e in b]
     cfg = OmegaConf.load(CONFIGS / "tiny_cpu.yaml")
     cfg.dataset.columns = "prompt=question,answer"
     with pytest.raises(R.ConfigError, match="dataset.columns"):

@@ -46,6 +46,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from scale import fsdp as FS  # noqa: E402
 from scale import memory, tiny  # noqa: E402
 from scale import sapo_recipe as R  # noqa: E402
+import sapo  # noqa: E402
 
 CONFIGS = ROOT / "scale" / "configs"
 DATA = ROOT / "data" / "ifeval_lite_train.jsonl"
@@ -175,7 +176,7 @@ def test_shared_prefix_layout_matches_two_rows(tiny_dir, tmp_path):
     model = tiny_torchtune_model(tiny_dir, tmp_path)
     tok = tiny_tokenizer(tiny_dir)
     pad = tok.pad_id
-    ex = R.load_torchtune_examples(str(DATA), "train", tok, 384, 256)[0][:6]
+    ex = sapo.load_examples(str(DATA), tok, 384, 256, verbose=False, encode=R.encode_torchtune_example)[:6]
     batch = []
     for i, e in enumerate(ex):          # y- shares 0, a few, or all-but-one tokens with y+, and has its own tail
         k = [0, 3, 9, len(e.chosen_ids) - 1, 5, 1][i]

@@ -18,6 +18,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 import sapo
 import sapo_fast
+from sapo_utils.evaluation import GREEDY
 import sapo_utils.models
 from tiny_models import ARCHITECTURES, CASES, IDS, SOFT_CAPPED, full_logits_logp, hand_tuples, load, make_tiny, paths
 
@@ -341,7 +342,7 @@ def test_sampler_keeps_ties_at_the_kth_value():
 
 def test_fast_sampling_replaces_only_sampling():
     """Greedy arguments pass through; sampling ones become the sampler with the same settings."""
-    assert sapo_fast.fast_sampling(sapo.GREEDY) is sapo.GREEDY
+    assert sapo_fast.fast_sampling(GREEDY) is GREEDY
     fast = sapo_fast.fast_sampling(sapo.segment_sampling(0.7, 50, 0.95))
     sampler = fast["logits_processor"][0]
     assert fast["do_sample"] is False and (sampler.temperature, sampler.top_k, sampler.top_p) == (0.7, 50, 0.95)
