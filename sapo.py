@@ -123,7 +123,8 @@ class Config(RunOptions):
     # batches and lengths
     batch_size: int = option(4, "prompts per micro-batch: fresh negatives, and tuples "
                              "sampled (authors: 8 per GPU x 8 GPUs = 64 per step)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    grad_accum: int = option(1, "micro-batches per optimizer step (their negatives: one "
+                             "generate call)")
     max_steps: int = option(20, "optimizer steps to run")
     max_length: int = option(512, "longest prompt + response in tokens; longer examples are "
                              "skipped (authors: 2048)")
@@ -619,7 +620,6 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
         # --resume: restore all of it from the newest checkpoint; else score pi_0 held out
         run.start(models, optimizer, scheduler, rng, device, loop, heldout)
-        stream = loop["stream"]
         while loop["step"] < cfg.max_steps:
             step = loop["step"]
             run.step_started()
@@ -634,19 +634,20 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
             if refresh_due(recipe, step, ref_every, spin_every):
                 copy_weights(ref, models[recipe.ref_source])
             optimizer.zero_grad(set_to_none=True)
-            accum, fresh_tuples = [], []
-            for _ in range(cfg.grad_accum):
-                indices = stream.next(cfg.batch_size)
-                fresh = [examples[i] for i in indices]
-                # (3) truncate y+ at t, the EMA writes G tokens, splice -> (x, y+, y-)
-                with run.timing("generation"), autocast(cfg, device):
-                    if recipe.negatives in ("ema", "policy"):
-                        tuples = make_negatives(ema or policy, fresh, rng=rng, **negatives)
-                    elif spin_every:                   # SPIN's frozen negatives
-                        tuples = [loop["spin_negatives"][i] for i in indices]
-                    else:                               # the dataset's own
-                        tuples = offline_tuples(fresh)
-                fresh_tuples += tuples
+            # (3) truncate y+ at t, the EMA writes G tokens, splice -> (x, y+, y-): one generate
+            #     call for all of the step's micro-batches
+            indices = [i for _ in range(cfg.grad_accum) for i in loop["stream"].next(cfg.batch_size)]
+            fresh = [examples[i] for i in indices]
+            with run.timing("generation"), autocast(cfg, device):
+                if recipe.negatives in ("ema", "policy"):
+                    fresh_tuples = make_negatives(ema or policy, fresh, rng=rng, **negatives)
+                elif spin_every:                       # SPIN's frozen negatives
+                    fresh_tuples = [loop["spin_negatives"][i] for i in indices]
+                else:                                   # the dataset's own
+                    fresh_tuples = offline_tuples(fresh)
+            accum = []
+            for micro in range(cfg.grad_accum):
+                tuples = fresh_tuples[micro * cfg.batch_size: (micro + 1) * cfg.batch_size]
                 if cfg.skip_identical_negatives:
                     tuples = [t for t, same in zip(tuples, identical(tuples)) if not same]
                 # (4) push into the replay buffer; (5) sample the loss batch from it

@@ -343,16 +343,22 @@ class TopKTopPSampler:
         self.top_p = top_p
 
     @torch.no_grad()
-    def kept(self, scores: torch.Tensor):
+    def kept(self, scores: torch.Tensor, max_ties: int | None = None):
         """(p, idx), each (B, k'): the kept tokens' probabilities (0 where top-p drops one), and
-        their ids, in descending order of score."""
+        their ids, in descending order of score. Tokens equal to the k-th stay: max_ties=None
+        counts them (one host sync); max_ties=n looks n tokens further instead, with no sync
+        (a GPU decoding loop), exact unless more than n tokens tie with the k-th."""
         vocab = scores.shape[-1]
         k = min(self.top_k, vocab) if self.top_k > 0 else vocab
         top, idx = scores.topk(k, dim=-1)                         # (B, k), descending
-        ties = int((scores >= top[:, -1:]).sum(-1).max())         # tokens equal to the k-th stay
+        if max_ties is None:
+            ties = int((scores >= top[:, -1:]).sum(-1).max())
+        else:
+            ties = min(vocab, k + max_ties)
         if ties > k:
+            kth = top[:, -1:]
             top, idx = scores.topk(ties, dim=-1)
-            top = top.masked_fill(top < top[:, k - 1: k], float("-inf"))
+            top = top.masked_fill(top < kth, float("-inf"))
         p = (top / self.temperature).softmax(-1)
         if self.top_p < 1.0:   # drop a token once the tokens ranked above it hold top_p
             p = p.masked_fill(p.cumsum(-1) - p >= self.top_p, 0.0)

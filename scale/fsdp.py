@@ -24,12 +24,27 @@ def init_distributed(cfg: DictConfig) -> None:
     one-process group, so that the same code (barriers, state-dict gathers) runs everywhere."""
     device_type = torch.device(cfg.device).type
     backend = training.get_distributed_backend(device_type, offload_ops_to_cpu=cfg.get("fsdp_cpu_offload", False))
-    # every collective (and the barrier while process 0 writes a checkpoint: about 100 GB at 8B) may take this long
-    timeout = datetime.timedelta(minutes=int(cfg.get("dist_timeout_minutes", 60)))
+    # setup (loading and sharding the weights) and the barrier while process 0 writes a checkpoint (about 100 GB
+    # at 8B) may take this long; training's collectives get a bound sized to the step (set_collective_timeout)
+    timeout = datetime.timedelta(minutes=float(cfg.get("dist_timeout_minutes", 60)))
     if training.is_distributed():
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def set_collective_timeout(minutes: float) -> None:
+    """How long any later collective of the default process group may wait (gloo and NCCL alike) before it fails
+    and its process exits (NCCL: torch's watchdog aborts it, TORCH_NCCL_ASYNC_ERROR_HANDLING's default). A peer that
+    died or hangs then ends the job within this bound instead of holding every GPU of the node: gloo notices a
+    dead peer's closed connection at once, NCCL notices nothing and waits for the timeout."""
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=minutes))
+
+
+def step_timeout_minutes(floor_minutes: float, longest_step_s: float, factor: float = 4.0) -> float:
+    """The collective timeout during training: factor x the longest step so far (a step's collectives all fit
+    in one step), never below floor_minutes (a slow step must not kill a healthy job)."""
+    return max(floor_minutes, factor * longest_step_s / 60)
 
 
 def is_lora(cfg_model: DictConfig) -> bool:
@@ -98,6 +113,23 @@ def all_processes(flag: bool, device) -> bool:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
     return flag
+
+
+@torch.no_grad()
+def local_ema_update(ema_model: nn.Module, policy: nn.Module, decay: float) -> bool:
+    """sapo.ema_update on each process's own shards, in one foreach call: the same lerp, without a DTensor
+    dispatch per parameter (~600 at 8B). Both models are sharded alike (the same plan on the same mesh), so
+    shard i of the EMA pairs with shard i of the policy. Returns False, having changed nothing, where they do
+    not pair up (the caller then runs sapo.ema_update)."""
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+    ema_shards = [local(p) for p in ema_model.parameters()]
+    policy_shards = [local(p.detach()) for p in policy.parameters()]
+    if len(ema_shards) != len(policy_shards) or any(a.shape != b.shape for a, b in zip(ema_shards, policy_shards)):
+        return False
+    policy_shards = [b.to(a.dtype) for a, b in zip(ema_shards, policy_shards)]
+    torch._foreach_lerp_(ema_shards, policy_shards, 1.0 - decay)
+    return True
 
 
 def reshard(model: nn.Module) -> None:

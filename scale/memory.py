@@ -26,7 +26,9 @@ compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = re
   logits          the output layer runs at the 2R scored positions per prompt only: c + 4 (fp32 copy) + 4
                   (log-softmax kept for backward) + 4 (its gradient) bytes per entry of the (2 B R, V) logits.
   generation      the EMA gathered whole (gather_generator_weights, W > 1: the (W-1)/W of it other processes hold),
-                  its KV cache (L x 2 x kv x (T + G) x B x c) and one layer's prefill activations.
+                  its KV cache (L x 2 x kv x (T + G) x B' x c) and one layer's prefill activations, for the B' rows
+                  of one generate call: B x gradient_accumulation_steps (all of a step's micro-batches), or
+                  generate_rows_per_call.
   host process baseline (CPU runs only)
                   what a CPU process holds before any model: python + torch + torchtune + the recipe imported, gloo,
                   tokenizer and data (HOST_BASELINE_GB, measured; the recipe logs its own as memory/runtime_rss_gib;
@@ -180,9 +182,13 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
                    + max(logits_bwd, recompute + grad_layer))
     ref_phase = (gathered_layers + out_layer + tokens * per_token_layer + mask + N * s.V * (c + 4)) if dpo else 0.0
     ema_gather = s.P * fb * (W - 1) / W if (W > 1 and cfg.get("gather_generator_weights", True)) else 0.0
-    kv_cache = s.L * 2 * s.kv * (T + G) * B * c
-    prefill = B * T * per_token_layer
-    gen_phase = ema_gather + kv_cache + prefill + B * s.V * 4 * 3
+    # one generate call decodes this process's rows of all the step's micro-batches (generate_rows_per_call: fewer)
+    gen_rows = B * int(cfg.get("gradient_accumulation_steps", 1))
+    if cfg.get("generate_rows_per_call"):
+        gen_rows = max(B, min(gen_rows, int(cfg.generate_rows_per_call) // B * B))
+    kv_cache = s.L * 2 * s.kv * (T + G) * gen_rows * c
+    prefill = gen_rows * T * per_token_layer
+    gen_phase = ema_gather + kv_cache + prefill + gen_rows * s.V * 4 * 3
     opt_phase = (s.P if not lora else s.adapters) * wb / W
     # process 0 writing a checkpoint: each model's full state dict in turn (gathered into host memory), then the full
     # optimizer state; host RAM on CUDA (besides the GPU), part of the RSS peak on CPU runs that save mid-training

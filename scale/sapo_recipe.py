@@ -21,21 +21,24 @@ Run it (from the repository root: `tune run` wants the recipe path relative)
     multi-node: see scale/README.md (torchrun rendezvous).
 
 One optimizer step on W processes, each with a micro-batch of B prompts (every process runs the same code):
-  1. EMA update  theta_ema <- b*theta_ema + (1-b)*theta   (sapo.ema_update, on each process's shards); then, SAPO-DPO,
+  1. EMA update  theta_ema <- b*theta_ema + (1-b)*theta   (sapo.ema_update's lerp, on each process's shards in
+     one foreach call: scale.fsdp.local_ema_update); then, SAPO-DPO,
      reference <- EMA (sapo.copy_weights) when sapo.refresh_due says so: at the start of every ref_update_steps-th
      step, right after its EMA update, before its loss (the authors' moving_average)
-  2. for each of the gradient_accumulation_steps micro-batches:
-     a. all processes draw the same B*W fresh prompts (sapo_utils.data.PromptStream) and, inside sapo.make_negatives,
-        the same truncation points (one seeded random.Random replicated on every process);
-     b. process r generates the segments of rows r*B .. r*B+B-1 with the sharded EMA model (torchtune KV cache);
-        segments are all-gathered, and sapo.make_negatives splices them into B*W replay tuples;
-     c. every process pushes the same tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
+  2. negatives for all gradient_accumulation_steps micro-batches at once, as in sapo.py:
+     a. all processes draw the same B*W fresh prompts per micro-batch (sapo_utils.data.PromptStream) and, inside
+        sapo.make_negatives, the same truncation points (one seeded random.Random replicated on every process);
+     b. in one generate call, process r generates the segments of rows r*B .. r*B+B-1 of every micro-batch with
+        the sharded EMA model (torchtune KV cache); segments are all-gathered, and sapo.make_negatives splices
+        them into replay tuples;
+  3. for each micro-batch:
+     c. every process pushes its B*W tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
         the same B*W tuples from it; process r keeps rows r*B .. r*B+B-1;
      d. loss on those B tuples (sapo.dpo_loss / sapo.orpo_loss), each one segment [x, y+, y-'s own tokens], short
         segments packed into shared rows (sapo_fast.shared_prefix_layout), with torchtune's mask and input_pos;
         two rows per tuple (sapo.preference_logps) where the model fails the check; backward; FSDP averages
         gradients over processes.
-  3. clip, optimizer step unless the loss or gradient is NaN/inf (sapo_utils.optim.guarded_step), LR schedule
+  4. clip, optimizer step unless the loss or gradient is NaN/inf (sapo_utils.optim.guarded_step), LR schedule
      (sapo_utils.optim.lr_lambda); all processes agree (one all-reduce) whether a SIGTERM / SIGINT arrived: if
      so, checkpoint and exit 143 / 130 after this step.
 So W processes with batch_size B compute what sapo.py computes with --batch-size B*W (tests/test_scale.py
@@ -62,6 +65,10 @@ Where this recipe departs from sapo.py, and why
     are gathered in bf16, and no autocast cache keeps a bf16 copy of every gathered weight (scale/fsdp.py).
   - Dropout is off in every model (policy, EMA, reference), attention dropout included
     (disable_torchtune_dropout).
+  - The embedding's padding_idx is transformers' (config.json's pad_token_id: hf_padding_idx), so the pad
+    token's row gets no gradient wherever it occurs, as in sapo.py; torchtune's embedding has none.
+  - Collectives time out after max(step_timeout_minutes, 4 x the longest step) once training runs
+    (dist_timeout_minutes during setup and checkpoint writes): a dead or hung process ends the job in minutes.
   - Memory: scale/memory.py estimates each process's peak by component for any config and world size.
   - Bad input (config values, dataset rows, a checkpoint whose shapes differ from the builder's) stops with one
     line naming the field and exit status 2 (ConfigError, sapo_utils.errors.UserError).
@@ -83,6 +90,8 @@ Where this recipe departs from sapo.py, and why
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 import random
@@ -103,7 +112,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune import config, modules, training, utils
 from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
-from torchtune.modules import local_kv_cache
+from torchtune.modules import KVCache, local_kv_cache
 from torchtune.modules.peft import (LoRALinear, disable_adapter, get_adapter_state_dict, get_lora_module_names,
                                     get_merged_lora_ckpt, validate_missing_and_unexpected_for_lora)
 from torchtune.recipe_interfaces import FTRecipeInterface
@@ -120,6 +129,7 @@ from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E4
 from sapo_utils.run import StopSignals, seed_everything  # noqa: E402
 
 from scale.fsdp import (all_processes, full_tensor, gathered, init_distributed, is_lora,  # noqa: E402
+                        local_ema_update, set_collective_timeout, step_timeout_minutes,
                         load_full_model_state_dict, load_full_optimizer_state_dict, prepare_model, reshard)
 from scale.host_memory import peak_rss_gib, proc_status_gib, release_host_memory, reset_peak_rss  # noqa: E402
 
@@ -187,8 +197,13 @@ def check_recipe_config(cfg: DictConfig) -> None:
         # unsharded after a forward, the module would compute with the unsharded copies and ignore the swap
         raise ConfigError("config: fsdp_reshard_after_forward: False is not supported with LoRA (the EMA and reference "
                           "adapters are swapped into the sharded policy); set it to True")
-    if int(cfg.get("dist_timeout_minutes", 60)) < 1:
-        raise ConfigError(f"config: dist_timeout_minutes must be >= 1, got {cfg.dist_timeout_minutes}")
+    rows = cfg.get("generate_rows_per_call")
+    if rows is not None and int(rows) < int(cfg.batch_size):
+        raise ConfigError(f"config: generate_rows_per_call must be null or >= batch_size ({cfg.batch_size}: one "
+                          f"micro-batch), got {rows}")
+    for key, default in (("dist_timeout_minutes", 60), ("step_timeout_minutes", 5)):
+        if not float(cfg.get(key, default)) > 0:
+            raise ConfigError(f"config: {key} must be > 0, got {cfg.get(key)}")
 
 
 def _model_max_seq_len(cfg_model: DictConfig) -> int:
@@ -332,10 +347,18 @@ def torchtune_packing_ok(model, device, tol: float = 1e-4, enabled: bool = True)
     return ok
 
 
+def longest_segment(batch: list[dict]) -> int:
+    """The longest packed segment [x, y+, y-'s own tokens] of a batch (sapo_fast.shared_prefix_layout's row width)."""
+    return max(len(b["prompt_ids"]) + len(b["chosen_ids"]) + len(b["rejected_ids"])
+               - sapo_fast.shared_prefix_len(b["chosen_ids"], b["rejected_ids"]) for b in batch)
+
+
 def torchtune_preference_logps(model, batch: list[dict], pad_id: int, device):
-    """(sum+, sum-, n+, n-), each (B,): packed where torchtune_packing_ok passed for this model, else two rows per
-    tuple (sapo_fast.preference_logps's choice, for torchtune decoders)."""
-    if getattr(model, "sapo_shared_prefix", False):
+    """(sum+, sum-, n+, n-), each (B,): packed where torchtune_packing_ok passed for this model and every segment
+    fits its max_seq_len, else two rows per tuple (sapo_fast.preference_logps's choice, for torchtune decoders).
+    A segment's positions never pass max_length, but torchtune refuses a row longer than max_seq_len whatever
+    its positions: x + y+ + y-'s own tokens can be, when y- parts from y+ early."""
+    if getattr(model, "sapo_shared_prefix", False) and longest_segment(batch) <= model.max_seq_len:
         return packed_torchtune_logps(model, batch, pad_id, device)
     return two_row_torchtune_logps(model, batch, pad_id, device)
 
@@ -357,9 +380,38 @@ def sample_next(logits, noise, temperature: float, top_k: int, top_p: float):
     greedy."""
     if top_k == 1:
         return logits.argmax(-1)
-    p, idx = sapo_fast.TopKTopPSampler(temperature, top_k, top_p).kept(logits)     # (B, k'), (B, k')
+    # ties with the k-th token looked up to top_k further without a host sync (exact unless more tie)
+    p, idx = sapo_fast.TopKTopPSampler(temperature, top_k, top_p).kept(logits, max_ties=max(top_k, 1))
     pick = (p / noise.gather(-1, idx)).argmax(-1, keepdim=True)
     return idx.gather(-1, pick).squeeze(-1)
+
+
+def _update_without_sync(cache, k_val, v_val):
+    """torchtune's KVCache.update without its bound check, `assert cache_pos[0] + seq_len <= max_seq_len`: reading
+    a device tensor on the host, it stalls the GPU in every layer at every token. The bound holds by
+    construction here: the cache is made for the prompt plus n_steps tokens."""
+    seq_len = k_val.shape[2]
+    cache.k_cache[:, :, cache.cache_pos[:seq_len]] = k_val
+    cache.v_cache[:, :, cache.cache_pos[:seq_len]] = v_val
+    cache.cache_pos.add_(seq_len)
+    return cache.k_cache, cache.v_cache
+
+
+@contextlib.contextmanager
+def sync_free_kv_cache(model, **kw):
+    """torchtune.modules.local_kv_cache, whose caches update without a host sync (_update_without_sync)."""
+    with local_kv_cache(model, **kw):
+        caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        for c in caches:
+            c.update = functools.partial(_update_without_sync, c)
+        try:
+            yield
+        finally:
+            for c in caches:
+                del c.update
+
+
+DONE_CHECK_EVERY = 16   # decoding steps between the checks whether every row on every process has stopped
 
 
 @torch.no_grad()
@@ -392,7 +444,7 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
     last[:, -1] = True
     was_training = model.training
     model.eval()
-    with local_kv_cache(model, batch_size=B, device=device, dtype=cache_dtype, decoder_max_seq_len=L + n_steps):
+    with sync_free_kv_cache(model, batch_size=B, device=device, dtype=cache_dtype, decoder_max_seq_len=L + n_steps):
         with selected_positions(model, last):
             logits = model(tokens, input_pos=pos[:, :L], mask=mask[:, :L])          # (B, V): prefill
         for k in range(n_steps):
@@ -404,11 +456,20 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
                 out[:, k] = sample_next(logits.float(), noise, sampling["temperature"], sampling["top_k"],
                                         sampling["top_p"])
             done |= torch.isin(out[:, k], stop) | (k + 1 >= limit)
-            if k + 1 == n_steps or all_processes(bool(done.all()), device):
+            # reading `done` is a host sync (and an all-reduce): every DONE_CHECK_EVERY steps only. The extra
+            # tokens a finished row draws meanwhile come after its stop token (or its limit) and are cut off;
+            # each row's noise is its own, so they change none of the tokens kept
+            if k + 1 == n_steps:
+                break
+            if (k + 1) % DONE_CHECK_EVERY == 0 and all_processes(bool(done.all()), device):
                 break
             logits = model(out[:, k, None], input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1]
     model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(out.cpu(), max_new_tokens)]
+    segments = []
+    for row, n in zip(out.cpu().tolist(), max_new_tokens):    # each row up to its first stop token or its limit
+        end = next((i + 1 for i, token in enumerate(row[:n]) if token in stop_ids), n)
+        segments.append(row[:end])
+    return segments
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -464,6 +525,18 @@ def check_shapes(model: nn.Module, full_sd: dict, cfg: DictConfig) -> None:
                               f"{tuple(tensor.shape)}{hint}")
 
 
+def hf_padding_idx(checkpoint_dir) -> int | None:
+    """The padding_idx transformers gives the model's embedding: config.json's pad_token_id (Llama, Mistral, Qwen2
+    ...; None where it has none). That row's gradient stays 0 wherever the token occurs, in training as sapo.py runs
+    it; torchtune's embedding has none. Set on the recipe's embedding, both train the same weights: it matters
+    where the pad id occurs as a token (an untrained model writes it into a negative; the tiny test model does)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.exists():
+        return None
+    pad = json.loads(path.read_text()).get("pad_token_id")
+    return pad if isinstance(pad, int) else None
+
+
 def disable_torchtune_dropout(model: nn.Module) -> None:
     """sapo_utils.models.disable_dropout for torchtune modules (which have no transformers config): no dropout
     anywhere, as TRL's disable_dropout and the authors' trainer: with dropout the policy and the reference would
@@ -507,6 +580,7 @@ class SAPORecipe(FTRecipeInterface):
         self.rng = random.Random(self.seed)               # truncation points and buffer sampling, same on every process
         self.step = 0
         self.skipped = 0                                  # optimizer steps skipped for a NaN/inf
+        self.longest_step_s = 0.0                         # sizes the collective timeout during training
         self.max_shape = (0, 0)                           # the longest loss row so far (scale/memory.py's T, R)
         self._saved_at = -1                               # the step of the last checkpoint this run wrote
         self.setup_memory = {}
@@ -601,6 +675,7 @@ class SAPORecipe(FTRecipeInterface):
         training.validate_no_params_on_meta_device(model)
         disable_torchtune_dropout(model)
         enable_position_selection(model)
+        model.tok_embeddings.padding_idx = hf_padding_idx(self.cfg.checkpointer.checkpoint_dir)
         model.train(trainable)
         return model
 
@@ -696,9 +771,12 @@ class SAPORecipe(FTRecipeInterface):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mixed else contextlib.nullcontext()
 
     def _ema_update(self) -> None:
-        """theta_ema <- b*theta_ema + (1-b)*theta (LoRA: adapter weights only), shard by shard."""
+        """theta_ema <- b*theta_ema + (1-b)*theta (LoRA: adapter weights only): sapo.ema_update, on this
+        process's shards in one foreach call (scale.fsdp.local_ema_update)."""
         reshard(self.policy)
-        sapo.ema_update(self.ema, self.live if self.lora else self.policy, self.cfg.ema_decay)
+        policy = self.live if self.lora else self.policy
+        if not local_ema_update(self.ema, policy, self.cfg.ema_decay):
+            sapo.ema_update(self.ema, policy, self.cfg.ema_decay)
 
     def _refresh_reference(self) -> None:
         """pi_ref <- EMA (LoRA: a frozen copy of the EMA adapters on the shared base)."""
@@ -724,35 +802,48 @@ class SAPORecipe(FTRecipeInterface):
         with ctx:
             return torchtune_preference_logps(self.policy, batch, self.pad_id, self.device)[:2]
 
-    def _make_negatives(self, fresh: list[sapo.Example], micro: int) -> list[sapo.PreferenceTuple]:
-        """sapo.make_negatives across processes: every process draws the truncation points of all B*W rows from the
-        same rng and splices all B*W tuples; the generate it is given writes this process's B segments and
-        all-gathers the others'."""
+    def _make_negatives(self, fresh: list[sapo.Example]) -> list[sapo.PreferenceTuple]:
+        """sapo.make_negatives across processes for a step's micro-batches (B*W rows each, in order): every process
+        draws the truncation points of all rows from the same rng and splices all tuples; the generate it is given
+        writes this process's rows of each micro-batch and all-gathers the others'. generate_rows_per_call (per
+        process) splits the step into several calls, whole micro-batches each, to bound the KV cache."""
         cfg = self.cfg
         gather_weights = self.shard and cfg.get("gather_generator_weights", True)
+        per_call = cfg.get("generate_rows_per_call") or self.B * self.grad_accum
+        micro_per_call = max(1, int(per_call) // self.B)
         with self._generator() as generator, self._autocast(), \
                 gathered(generator, gather_weights, cfg.get("fsdp_reshard_after_forward", True)):
             return sapo.make_negatives(generator, fresh, cfg.segment_len, cfg.max_length, self.rng, self.pad_id,
-                                       self.stop_ids, self.sampling, generate=self._generate_across_processes(micro))
+                                       self.stop_ids, self.sampling, batch_size=micro_per_call * self.global_batch,
+                                       generate=self._generate_across_processes())
 
-    def _generate_across_processes(self, micro: int):
-        """sapo.make_negatives' `generate` on W processes: process r decodes rows r*B .. r*B+B-1 (torchtune_generate,
-        each row's noise seeded by row_seed), then every process gets every segment, in row order."""
+    def _generate_across_processes(self):
+        """sapo.make_negatives' `generate` on W processes, called with whole micro-batches of B*W rows: process r
+        decodes rows r*B .. r*B+B-1 of each (torchtune_generate, each row's noise seeded by row_seed from its
+        micro-batch and row), then every process gets every segment, in row order."""
+        GB, B, done = self.global_batch, self.B, [0]       # done: micro-batches written by earlier calls
+
         def generate(model, contexts, max_new_tokens, pad_id, stop_ids, sampling):
-            mine = range(self.rank * self.B, (self.rank + 1) * self.B)
+            n_micro = len(contexts) // GB
+            mine = [m * GB + self.rank * B + j for m in range(n_micro) for j in range(B)]
             n_steps = max(max_new_tokens)            # the same on every process: all of them decode as long
             cache_dtype = self.compute_dtype if self.mixed else next(model.parameters()).dtype
-            seeds = [row_seed(self.seed, self.step, micro, i) for i in mine]
+            seeds = [row_seed(self.seed, self.step, done[0] + i // GB, i % GB) for i in mine]
+            done[0] += n_micro
             segments = torchtune_generate(model, [contexts[i] for i in mine], [max_new_tokens[i] for i in mine],
                                           pad_id, stop_ids, sampling, seeds, n_steps, cache_dtype, self.device)
             if self.world_size == 1:
                 return segments
-            padded = torch.full((self.B, n_steps), -1, dtype=torch.long, device=self.device)
+            padded = torch.full((len(mine), n_steps), -1, dtype=torch.long, device=self.device)
             for i, s in enumerate(segments):
                 padded[i, : len(s)] = torch.tensor(s)
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-            return [[t for t in row if t >= 0] for row in torch.cat(parts).tolist()]
+            rows = [None] * len(contexts)
+            for r, part in enumerate(parts):            # process r's k-th row: micro-batch k // B, row r*B + k % B
+                for k, row in enumerate(part.tolist()):
+                    rows[(k // B) * GB + r * B + k % B] = [t for t in row if t >= 0]
+            return rows
         return generate
 
     def _loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
@@ -827,16 +918,18 @@ class SAPORecipe(FTRecipeInterface):
         if sapo.refresh_due(self.method, self.step, self.ref_every):
             self._refresh_reference()
         self.optimizer.zero_grad(set_to_none=True)
-        accum, gen_tokens, gen_time = [], 0, 0.0
+        # (2) self-augmented negatives for the step's fresh prompts, written by the EMA model: all micro-batches
+        # in one generate call (sapo.py's order: every truncation point, then the buffer samples)
+        fresh = [self.examples[i] for _ in range(self.grad_accum) for i in self.stream.next(self.global_batch)]
+        tg = time.perf_counter()
+        fresh_tuples = self._make_negatives(fresh)
+        if self.device.type == "cpu":
+            release_host_memory()
+        gen_time = time.perf_counter() - tg
+        gen_tokens = sum(t["segment_len"] for t in fresh_tuples)
+        accum = []
         for micro in range(self.grad_accum):
-            # (2) self-augmented negatives for the fresh prompts, written by the EMA model
-            fresh = [self.examples[i] for i in self.stream.next(self.global_batch)]
-            tg = time.perf_counter()
-            tuples = self._make_negatives(fresh, micro)
-            if self.device.type == "cpu":
-                release_host_memory()
-            gen_time += time.perf_counter() - tg
-            gen_tokens += sum(t["segment_len"] for t in tuples)
+            tuples = fresh_tuples[micro * self.global_batch: (micro + 1) * self.global_batch]
             # (3) into the replay buffer; (4) the loss on a batch sampled from it (this process's rows)
             self.buffer.push(tuples)
             batch = self.buffer.sample(self.global_batch, self.rng)
@@ -867,6 +960,8 @@ class SAPORecipe(FTRecipeInterface):
                         "time/step_s": time.perf_counter() - t0})
         if self.device.type == "cuda":   # to check scale/README.md's memory plan on real hardware
             metrics["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            # reserved - allocated: what the caching allocator holds besides (fragmentation, cached blocks)
+            metrics["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
         # host memory, the largest over processes: peak since setup ended, and (first step) setup's peak and the
         # runtime before any model (what scale/memory.py checks itself against on CPU)
@@ -882,6 +977,13 @@ class SAPORecipe(FTRecipeInterface):
         if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
             self.save_checkpoint(self.step)
             self._saved_at = self.step
+        # from now on a dead or hung peer ends the job within a few steps' time, not dist_timeout_minutes
+        self.longest_step_s = max(self.longest_step_s, metrics["time/step_s"])
+        self._training_timeout()
+
+    def _training_timeout(self) -> None:
+        set_collective_timeout(step_timeout_minutes(float(self.cfg.get("step_timeout_minutes", 5)),
+                                                    self.longest_step_s))
 
     def _agreed(self, value: float, op) -> float:
         """value all-reduced with op (MAX, SUM) over processes."""
@@ -904,6 +1006,8 @@ class SAPORecipe(FTRecipeInterface):
         then output_dir/recipe_state/step_<step>.pt, atomically. Every process takes part in the gathers;
         process 0 writes."""
         rank0 = self.is_rank_zero
+        # the others wait at the barrier below while process 0 writes: the setup's long timeout
+        set_collective_timeout(float(self.cfg.get("dist_timeout_minutes", 60)))
         if self.lora:
             full = training.gather_cpu_state_dict(self.policy, rank0, device=self.device)
             if rank0 and not self.shard and self.device.type == "cpu":
@@ -949,6 +1053,8 @@ class SAPORecipe(FTRecipeInterface):
         opt = state = None
         release_host_memory()
         dist.barrier()
+        if self.longest_step_s:
+            self._training_timeout()
 
     def _prune(self, keep: int) -> None:
         """Keep the newest `keep` complete checkpoints (recipe state first, so a half-pruned one is incomplete)."""
@@ -976,6 +1082,9 @@ def recipe_main(cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # segments that grow instead of fixed blocks: the allocator's fragmentation stays small as the lengths of
+    # rows and KV caches change from step to step (set before CUDA starts; a user's own setting wins)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     init_distributed(cfg)
     if cfg.get("fsdp_cpu_offload", False):
         training.set_torch_num_threads()
@@ -993,7 +1102,25 @@ def recipe_main(cfg: DictConfig) -> None:
     except Stopped as e:
         recipe.cleanup()
         sys.exit(128 + e.signum)
+    except RuntimeError as e:
+        if not peer_lost(e):
+            raise
+        # another process died or hangs: say so in one line and leave at once (destroying the process group
+        # would wait on the lost peer); the last checkpoint is intact, so the job resumes from it
+        print(f"error: rank {dist.get_rank()}: a collective failed, another process of the job died or stopped "
+              f"answering ({str(e).splitlines()[0][-160:]}); resume from the last checkpoint", file=sys.stderr,
+              flush=True)
+        os._exit(1)
     recipe.cleanup()
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Is this the error a collective raises when a peer is gone: gloo's closed connection or timeout, NCCL's
+    watchdog timeout or remote error?"""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Timed out waiting", "Connection reset by peer",
+                            "NCCL communicator was aborted", "Watchdog caught collective operation timeout"))
 
 
 if __name__ == "__main__":

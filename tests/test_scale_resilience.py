@@ -188,6 +188,16 @@ def test_shared_prefix_layout_matches_two_rows(tiny_dir, tmp_path):
     for a, b in zip(one, two):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-4)
     assert R.torchtune_packing_ok(model, "cpu") and model.sapo_shared_prefix
+    # a segment longer than the model's max_seq_len (y- parts from y+ at once; positions stay < max_length) is
+    # scored in two rows: torchtune refuses a longer row whatever its positions
+    e = ex[0]
+    y_pos = (e.chosen_ids * 40)[: model.max_seq_len - len(e.prompt_ids) - 8]
+    long = [{"prompt_ids": e.prompt_ids, "chosen_ids": y_pos, "rejected_ids": y_pos[::-1]}] + batch[:2]
+    assert R.longest_segment(long) > model.max_seq_len
+    with torch.no_grad():
+        for a, b in zip(R.torchtune_preference_logps(model, long, pad, "cpu"),
+                        R.two_row_torchtune_logps(model, long, pad, "cpu")):
+            torch.testing.assert_close(a.float(), b.float())
     # a decoder that ignores the mask (attends causally over y+'s own tokens from y-) fails the check
     forward = model.forward
     model.forward = lambda tokens, mask=None, input_pos=None, **kw: forward(tokens, input_pos=input_pos)
@@ -202,6 +212,36 @@ def test_shared_prefix_layout_matches_two_rows(tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- dropout, reference refresh
+
+@pytest.mark.parametrize("ema_dtype", [torch.float32, torch.bfloat16])
+def test_local_ema_update_equals_sapo_ema_update(one_process_group, ema_dtype):
+    """The recipe's EMA update (one foreach lerp over each process's shards) gives sapo.ema_update's weights,
+    bit for bit, on FSDP2-sharded models (DTensor parameters) and plain ones, with an EMA stored in bf16 too; a
+    pair of models that do not pair up is left unchanged and reported."""
+    import copy
+    from torch.distributed.fsdp import fully_shard
+    from torchtune.models.llama3 import llama3
+    torch.manual_seed(0)
+    for sharded in (True, False):
+        policy = llama3(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=32)
+        ema = copy.deepcopy(policy).to(ema_dtype)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p))
+        plain = copy.deepcopy(ema)
+        if sharded:
+            for m in (policy, ema, plain):
+                for layer in m.layers:
+                    fully_shard(layer)
+                fully_shard(m)
+        sapo.ema_update(plain, policy, 0.5)
+        assert FS.local_ema_update(ema, policy, 0.5)
+        for a, b in zip(ema.parameters(), plain.parameters()):
+            assert torch.equal(FS.full_tensor(a), FS.full_tensor(b))
+    other = torch.nn.Linear(3, 3)
+    before = other.weight.clone()
+    assert not FS.local_ema_update(other, torch.nn.Linear(3, 4), 0.5) and torch.equal(other.weight, before)
+
 
 def test_dropout_is_disabled_everywhere(tiny_dir, tmp_path, one_process_group):
     """The builder asks for attention dropout 0.3: the recipe zeroes it in policy, EMA and reference, so at step 1
@@ -320,6 +360,35 @@ def test_sigint_to_the_workers(tiny_dir, tmp_path):
     assert re.search(r"exitcode\s*:\s*130", out), out[-3000:]
     assert p.returncode != 0 and (out_dir / "recipe_state" / f"step_{stopped}.pt").exists()
     assert len(metrics(out_dir / "metrics.jsonl")) == stopped
+
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_lost_rank_ends_the_job(tiny_dir, tmp_path, how):
+    """One of two processes is SIGKILLed (an out-of-memory kill) or SIGSTOPped (a rank stuck in a kernel: alive
+    but silent, as a dead peer looks to NCCL) after step 2. The other leaves within the training's collective
+    timeout (step_timeout_minutes, here 6 s; without it dist_timeout_minutes, an hour) with a one-line error, and
+    torchrun ends the job non-zero; a stopped process is killed after torchrun's 30 s grace."""
+    out_dir = tmp_path / "run"
+    p = start(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=out_dir, max_steps=100, save_every_n_steps=0,
+              step_timeout_minutes=0.1)
+    wait_for_steps(out_dir / "metrics.jsonl", 2, p)
+    pids = workers_of(p.pid)
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        out = p.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the job outlived a lost rank by 120 s")
+    took = time.time() - t0
+    assert p.returncode != 0 and took < (15 if how == "killed" else 60), (took, out[-3000:])
+    assert "another process of the job died or stopped answering" in out, out[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert len(metrics(out_dir / "metrics.jsonl")) < 100
 
 
 # ----------------------------------------------------------------------------- memory
