@@ -30,7 +30,7 @@ FIGURES = [
                 "gen_tokens", "gen_tokens_per_s", "ratio_to_dpo", "ratio_to_dpo_equal_tokens", "ref_refresh_per_step")],
     "dpo.profile.matmul_share", "dpo.profile.matmul_gflops", "dpo.profile.matmul_efficiency",
     # 2a. segment generation, the plain path (--plain) vs the default one
-    "generation.before.s", "generation.before.tokens_per_s", "generation.now.s", "generation.now.tokens_per_s",
+    "generation.plain.s", "generation.plain.tokens_per_s", "generation.default.s", "generation.default.tokens_per_s",
     "generation.speedup_tokens_per_s",
     # 3. against the limit, fp32 and bf16
     "matmul.fp32.peak_flops", "matmul.bf16.peak_flops", "matmul.fp32.output_layer_flops", "matmul.bf16.output_layer_flops",
@@ -75,7 +75,7 @@ def test_perf_quick_reports_every_figure(tmp_path, tiny_llama_dir):
     assert res["batch"]["rows"] == 2 * res["settings"]["batch_size"]
     assert len(res["dpo"]["losses_ours"]) == len(res["dpo"]["losses_trl"]) >= 1
     assert set(res["goals"]) >= {"dpo_ge_3x_trl_tokens_per_s", "sapo_le_1.2x_dpo_fp32", "utilization_fp32_ge_55pct",
-                                 "generation_ge_2.5x_tokens_per_s_of_before", "utilization_bf16_ge_40pct",
+                                 "generation_ge_2.5x_tokens_per_s_of_plain", "utilization_bf16_ge_40pct",
                                  "peak_memory_le_1.3x_floor_plus_activations"}
     # --report-from prints the same report from the JSON, without running anything
     again = subprocess.run([sys.executable, "bench/perf.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
@@ -112,7 +112,7 @@ def test_perf_levers_quick_reports_every_lever(tmp_path, tiny_llama_dir):
     sp = gen["split"]                 # one prefill and one forward per decoding position, the parts adding up
     assert sp["prefill_s"] > 0 and sp["decode_steps"] >= 1 and sp["rest_s"] >= 0
     assert abs(sp["prefill_s"] + sp["decode_s"] + sp["rest_s"] - sp["s"]) < 1e-6
-    again = subprocess.run([sys.executable, "bench/perf.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
+    again = subprocess.run([sys.executable, "bench/levers.py", "--report-from", str(out)], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "not packed: one row per tuple" in again.stdout
     assert again.stdout.split("\n", 1)[1].strip() in r.stdout
