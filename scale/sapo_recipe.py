@@ -112,7 +112,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtune import config, modules, training, utils
 from torchtune.data import Message
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
-from torchtune.modules import KVCache, local_kv_cache
+from torchtune.modules import KVCache, MultiHeadAttention, local_kv_cache
 from torchtune.modules.peft import (LoRALinear, disable_adapter, get_adapter_state_dict, get_lora_module_names,
                                     get_merged_lora_ckpt, validate_missing_and_unexpected_for_lora)
 from torchtune.recipe_interfaces import FTRecipeInterface
@@ -397,18 +397,45 @@ def _update_without_sync(cache, k_val, v_val):
     return cache.k_cache, cache.v_cache
 
 
+def _cached_attention(self, x, y=None, *, mask=None, input_pos=None):
+    """torchtune's MultiHeadAttention.forward for self-attention with a KV cache, with the grouped k/v given to SDPA
+    as they are (enable_gqa): torchtune expands them to every query head first, a copy of the whole cache in every
+    layer at every token (4x the cache's bytes for Llama-3-8B's 32 query and 8 kv heads)."""
+    b, s_x, _ = x.shape
+    q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+    k = self.k_proj(x).view(b, s_x, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).view(b, s_x, self.num_kv_heads, self.head_dim)
+    if self.pos_embeddings is not None:
+        q = self.pos_embeddings(q, input_pos=input_pos)
+        k = self.pos_embeddings(k, input_pos=input_pos)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # (b, heads, s, head_dim)
+    if self.q_norm is not None:
+        q = self.q_norm(q)
+    if self.k_norm is not None:
+        k = self.k_norm(k)
+    k, v = self.kv_cache.update(k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
+
+
 @contextlib.contextmanager
 def sync_free_kv_cache(model, **kw):
-    """torchtune.modules.local_kv_cache, whose caches update without a host sync (_update_without_sync)."""
+    """torchtune.modules.local_kv_cache, whose caches update without a host sync (_update_without_sync) and whose
+    self-attention layers read them without expanding k/v to every head (_cached_attention)."""
     with local_kv_cache(model, **kw):
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None]
         for c in caches:
             c.update = functools.partial(_update_without_sync, c)
+        for m in layers:
+            m.forward = functools.partial(_cached_attention, m)
         try:
             yield
         finally:
             for c in caches:
                 del c.update
+            for m in layers:
+                del m.forward
 
 
 DONE_CHECK_EVERY = 16   # decoding steps between the checks whether every row on every process has stopped

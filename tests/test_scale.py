@@ -277,6 +277,31 @@ def test_decoding_steps_read_nothing_on_the_host(tiny_dir, tmp_path, monkeypatch
     assert R.torchtune_generate(tt_model, contexts, [40, 40], **kw) == every_16
 
 
+def test_cached_attention_equals_torchtunes(tiny_dir, tmp_path):
+    """The decoding attention (grouped k/v straight into SDPA, enable_gqa) gives torchtune's own attention's
+    logits at every step (4 query heads on 2 kv heads here), and so the same greedy segments."""
+    from torchtune.modules import local_kv_cache
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    assert tt_model.layers[0].attn.num_heads != tt_model.layers[0].attn.num_kv_heads
+    tok = tiny_tokenizer(tiny_dir)
+    ids = torch.tensor([tok.encode("Tea is brewed with hot water and", add_eos=False)])
+    L, n = ids.shape[1], 6
+    mask = torch.ones(L + n, L + n, dtype=torch.bool).tril()[None]
+    pos = torch.arange(L + n)[None]
+    logits = []
+    for cache in (local_kv_cache, R.sync_free_kv_cache):
+        with torch.no_grad(), cache(tt_model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32,
+                                    decoder_max_seq_len=L + n):
+            assert ("forward" in vars(tt_model.layers[0].attn)) == (cache is R.sync_free_kv_cache)
+            out = [tt_model(ids, input_pos=pos[:, :L], mask=mask[:, :L])[:, -1]]
+            for k in range(n - 1):
+                nxt = out[-1].argmax(-1, keepdim=True)
+                out.append(tt_model(nxt, input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1])
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(tt_model.layers[0].attn)          # torchtune's own forward is back
+
+
 def test_sampler_ties_without_a_host_read():
     """kept(max_ties=n) (no host read of the tie count) keeps the top-k set the exact count keeps, ties with the
     k-th token included, while at most n tokens tie. (Where equal tokens straddle the top-p cut, which of them
