@@ -56,15 +56,15 @@ def summarize(name: str, run: Path, config: Path, nproc: int, first_step: int = 
     mine = [m for m in lines if m["step"] >= first_step]
     first = mine[0]
     T, R = max(m["shape/max_tokens"] for m in mine), max(m["shape/max_response"] for m in mine)
-    runtime = first["memory/runtime_rss_gib"] * 2**30 / 1e9
+    runtime = first["memory/runtime_rss_gib"]
     cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.create(overrides))   # the run's own overrides
-    est = memory.estimate(cfg, nproc, seq_len=T, response_len=R, runtime_gb=runtime)
+    est = memory.estimate(cfg, nproc, seq_len=T, response_len=R, runtime_gib=runtime)
     train_peak = max(m["memory/peak_rss_gib"] for m in mine) * 2**30
-    return {"run": name, "nproc": nproc, "T": T, "R": R, "runtime_gb": round(runtime, 3),
-            "setup_peak_gb": round(first["memory/setup_peak_rss_gib"] * 2**30 / 1e9, 3),
-            "train_peak_gb": round(train_peak / 1e9, 3), "estimate_gb": round(est["peak"] / 1e9, 3),
+    return {"run": name, "nproc": nproc, "T": T, "R": R, "runtime_gib": round(runtime, 3),
+            "setup_peak_gib": round(first["memory/setup_peak_rss_gib"], 3),
+            "train_peak_gib": round(train_peak / 2**30, 3), "estimate_gib": round(est["peak"] / 2**30, 3),
             "estimate_phase": est["peak_phase"], "estimate_error": round(est["peak"] / train_peak - 1, 3),
-            "state_gb": round(est["state_on_device"] / 1e9, 3)}
+            "state_gib": round(est["state_on_device"] / 2**30, 3)}
 
 
 def main(argv=None) -> int:

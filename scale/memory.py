@@ -6,7 +6,8 @@
     python -m scale.memory --config scale/configs/tiny_cpu.yaml --nproc 2 --json ...    (what the tests call)
 
 Shapes come from building the configured model on the meta device (no memory, no weights); key=value arguments
-override the config as on `tune run`. Sizes are in GB = 10^9 bytes (--json: bytes).
+override the config as on `tune run`. Sizes are in GiB = 2^30 bytes, the unit of the recipe's memory/* metrics
+(--json: bytes).
 
 The model of one process (W processes, P parameters, L layers of P_l, width D, MLP width F, vocabulary V; c the
 compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = response tokens, G = segment_len):
@@ -23,17 +24,21 @@ compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = re
                   shared rows only lowers it) or B x 2T (two rows), and
                   recomputes one layer in backward (its activations and their gradients, ~ (8 D + 2 kv + 4 F) x c x 2
                   per token). One row per tuple adds the (B, T', T') attention mask, bool plus its float bias.
-  logits          the output layer runs at the 2R scored positions per prompt only: c + 4 (fp32 copy) + 4
-                  (log-softmax kept for backward) + 4 (its gradient) bytes per entry of the (2 B R, V) logits.
+  logits          the output layer runs at the N = 2 B R scored positions only, C = min(N, sapo_fast.CHUNK_POSITIONS)
+                  positions at a time, each chunk recomputed in backward (sapo_fast.chunked_token_logps): one chunk's
+                  (C, V) logits are alive, c + 4 (fp32 copy) + 4 (log-softmax) + 4 (its gradient) bytes per entry in
+                  backward, plus the scored positions' hidden states (N x D x c) kept for it. The reference's
+                  (no grad): c + 8 per entry of one chunk (its logits, the fp32 copy, cross-entropy's log-softmax).
   generation      the EMA gathered whole (gather_generator_weights, W > 1: the (W-1)/W of it other processes hold),
                   its KV cache (L x 2 x kv x (T + G) x B' x c) and one layer's prefill activations, for the B' rows
                   of one generate call: B x gradient_accumulation_steps (all of a step's micro-batches), or
                   generate_rows_per_call.
   host process baseline (CPU runs only)
                   what a CPU process holds before any model: python + torch + torchtune + the recipe imported, gloo,
-                  tokenizer and data (HOST_BASELINE_GB, measured; the recipe logs its own as memory/runtime_rss_gib;
-                  --runtime-gb overrides). 0 on CUDA: the context and NCCL buffers live outside torch's allocator and
-                  are not counted (allow ~1-2 GB per GPU besides).
+                  tokenizer and data (HOST_BASELINE_GIB, measured; the recipe logs its own as memory/runtime_rss_gib;
+                  --runtime-gib overrides).
+  CUDA context and NCCL buffers (GPU runs): outside torch's allocator, so not in memory/peak_allocated_gib, but on
+                  the GPU: CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB with several processes (an allowance; --runtime-gib).
   checkpoint save process 0 gathers each model's full state dict in turn, then the full optimizer state, into host
                   memory: max(P x trained dtype, P x optimizer bytes). A phase of the RSS peak on CPU runs; on CUDA
                   host RAM besides the GPU (printed, not in the GPU peak).
@@ -50,15 +55,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-GB = 1e9
+GIB = 2**30
+CHUNK_POSITIONS = 2048   # = sapo_fast.CHUNK_POSITIONS (tests/test_scale.py checks)
 # What a CPU process holds before any model (python + torch + torchtune + sapo imported, gloo initialised, tokenizer
-# and data read): measured 0.44 GB on the 2-core dev machine (scale/README.md). GPU memory has no such term.
-HOST_BASELINE_GB = 0.44
+# and data read): measured 0.41 GiB on the 2-core dev machine (scale/README.md).
+HOST_BASELINE_GIB = 0.41
+# On a GPU, what lives outside torch's allocator: the CUDA context (kernels, cuBLAS / cuDNN workspaces: 0.5-1 GiB
+# on current drivers with lazy module loading) and, with several processes, NCCL's buffers (channels x peers x
+# NCCL_BUFFSIZE, 4 MiB by default: about 1 GiB on 8 GPUs). An allowance, not a measurement: --runtime-gib sets it.
+CUDA_CONTEXT_GIB = 1.0
+NCCL_BUFFERS_GIB = 1.0
 
 
 @dataclass
@@ -110,7 +120,7 @@ def optimizer_state_bytes(cfg_opt, param_bytes: int) -> float:
 
 
 def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | None = None, batch_size: int | None = None,
-             runtime_gb: float | None = None, shapes: Shapes | None = None) -> dict:
+             runtime_gib: float | None = None, shapes: Shapes | None = None) -> dict:
     """Per-process bytes by component and phase, and the peak. cfg: an OmegaConf config of the recipe."""
     s = shapes or model_shapes(cfg.model)
     W = nproc
@@ -166,8 +176,10 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     recompute = tokens * per_token_layer * 2
     mask = rows * row_len ** 2 * (1 + c) if shared_prefix else 0
     N = B * 2 * R                                                          # scored positions
-    logits_fwd = N * s.V * (c + (4 if c < 4 else 0) + 4)
-    logits_bwd = logits_fwd + N * s.V * 4
+    C = min(N, CHUNK_POSITIONS)                                            # positions per output-layer chunk
+    hidden_scored = N * s.D * c
+    logits_bwd = C * s.V * (c + (4 if c < 4 else 0) + 4 + 4) + hidden_scored
+    logits_ref = C * s.V * (c + (4 if c < 4 else 0) + 4)
     policy_phase = {
         "gathered weights (2 layers, output layer)": gathered_layers + out_layer,
         "gathered gradients (1 layer, reduce-scatter)": grad_layer,
@@ -175,12 +187,12 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         "activation checkpoints": checkpoints,
         "recomputed layer (backward)": recompute,
         "attention mask (one row per tuple)": mask,
-        "logits at response positions": logits_bwd,
+        "logits at response positions (one chunk)": logits_bwd,
     }
     # the loss's peak: logits are alive with the checkpoints; the recomputed layer comes after the logits are freed
     policy_peak = (gathered_layers + out_layer + autocast_cache + checkpoints + mask
                    + max(logits_bwd, recompute + grad_layer))
-    ref_phase = (gathered_layers + out_layer + tokens * per_token_layer + mask + N * s.V * (c + 4)) if dpo else 0.0
+    ref_phase = (gathered_layers + out_layer + tokens * per_token_layer + mask + logits_ref) if dpo else 0.0
     ema_gather = s.P * fb * (W - 1) / W if (W > 1 and cfg.get("gather_generator_weights", True)) else 0.0
     # one generate call decodes this process's rows of all the step's micro-batches (generate_rows_per_call: fewer)
     gen_rows = B * int(cfg.get("gradient_accumulation_steps", 1))
@@ -196,9 +208,9 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         ckpt_host = 2 * s.P * fb + s.adapters * 4 * 3      # the gathered base + the merged copy, adapters
     else:
         ckpt_host = max(s.P * wb, s.P * opt_b)
-    if runtime_gb is None:
-        runtime_gb = HOST_BASELINE_GB if cpu else 0.0
-    runtime = runtime_gb * GB
+    if runtime_gib is None:
+        runtime_gib = HOST_BASELINE_GIB if cpu else CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if W > 1 else 0.0)
+    runtime = runtime_gib * GIB
 
     phases = {"generation": gen_phase, "reference forward": ref_phase, "policy forward + backward": policy_peak,
               "optimizer step": opt_phase}
@@ -219,32 +231,40 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
             "checkpoint_host_process0": ckpt_host}
 
 
-def largest_batch(cfg, nproc: int, budget_gb: float, **kw) -> int:
-    """The largest batch_size whose estimated peak fits budget_gb (0 if none does)."""
+def largest_batch(cfg, nproc: int, budget_gib: float, **kw) -> int:
+    """The largest batch_size whose estimated peak fits budget_gib (0 if none does)."""
     shapes = model_shapes(cfg.model)
     best = 0
     for b in range(1, 257):
-        if estimate(cfg, nproc, batch_size=b, shapes=shapes, **kw)["peak"] <= budget_gb * GB:
+        if estimate(cfg, nproc, batch_size=b, shapes=shapes, **kw)["peak"] <= budget_gib * GIB:
             best = b
         else:
             break
     return best
 
 
-def render(e: dict) -> str:
-    f = lambda x: f"{x / GB:8.2f}"  # noqa: E731
+def render(e: dict, worst: dict | None = None) -> str:
+    f = lambda x: f"{x / GIB:8.2f}"  # noqa: E731
     lines = [f"per-process memory, {e['nproc']} processes, batch_size {e['batch_size']}, T = {e['seq_len']} tokens "
              f"(prompt + y+), R = {e['response_len']} response tokens; {e['params'] / 1e9:.2f} B parameters"
-             + (f" + {e['adapters'] / 1e6:.1f} M adapter parameters" if e["adapters"] else ""), "", "sharded state (GB)"]
+             + (f" + {e['adapters'] / 1e6:.1f} M adapter parameters" if e["adapters"] else ""), "",
+             "sharded state (GiB)"]
     lines += [f"  {f(v)}  {k}" for k, v in e["state"].items()]
-    lines += [f"  {f(e['state_on_device'])}  on the device (0 with fsdp_cpu_offload)", "", "policy forward + backward (GB)"]
+    lines += [f"  {f(e['state_on_device'])}  on the device (0 with fsdp_cpu_offload)", "",
+              "policy forward + backward (GiB)"]
     lines += [f"  {f(v)}  {k}" for k, v in e["policy_phase"].items() if v]
-    lines += ["", "phases above the sharded state (GB)"] + [f"  {f(v)}  {k}" for k, v in e["phases"].items()]
-    lines += ["", f"  {f(e['runtime'])}  host process baseline, CPU runs only (python, torch, torchtune, gloo, data)",
-              f"peak {e['peak'] / GB:.2f} GB per process, in: {e['peak_phase']}", "",
-              "checkpoint (GB): " + ", ".join(f"{k} {v / GB:.1f}" for k, v in e["checkpoint"].items() if v)
-              + f"; total {e['checkpoint_total'] / GB:.1f}",
-              f"host RAM of process 0 while it writes one (full state dicts gathered): {e['checkpoint_host_process0'] / GB:.1f}"]
+    lines += ["", "phases above the sharded state (GiB)"] + [f"  {f(v)}  {k}" for k, v in e["phases"].items()]
+    lines += ["", f"  {f(e['runtime'])}  outside the model: CUDA context and NCCL buffers (GPU), or the host process "
+              "baseline (CPU)",
+              f"peak {e['peak'] / GIB:.2f} GiB per process, in: {e['peak_phase']}"]
+    if worst is not None:
+        lines.append(f"worst case the config admits (R = {worst['response_len']}: a {worst['seq_len'] - worst['response_len']}"
+                     f"-token prompt, y+ and y- parting at once): peak {worst['peak'] / GIB:.2f} GiB, in: "
+                     f"{worst['peak_phase']}")
+    lines += ["", "checkpoint (GiB): " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in e["checkpoint"].items() if v)
+              + f"; total {e['checkpoint_total'] / GIB:.1f}",
+              f"host RAM of process 0 while it writes one (full state dicts gathered): "
+              f"{e['checkpoint_host_process0'] / GIB:.1f} GiB"]
     return "\n".join(lines)
 
 
@@ -254,9 +274,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, required=True, help="processes (GPUs) in total")
     ap.add_argument("--seq-len", type=int, default=None, help="prompt + y+ tokens per example (default: max_length)")
     ap.add_argument("--response-len", type=int, default=None, help="response tokens (default: half of --seq-len)")
-    ap.add_argument("--runtime-gb", type=float, default=None, help="host process baseline, CPU runs only (default 0.44)")
-    ap.add_argument("--largest-batch", type=float, default=None, metavar="GB",
-                    help="print the largest batch_size whose peak fits this many GB per process")
+    ap.add_argument("--min-prompt-len", type=int, default=16, help="the shortest prompt, for the worst case: every "
+                    "response max_length minus this")
+    ap.add_argument("--runtime-gib", type=float, default=None, help="memory outside the model: CPU, the host process "
+                    f"baseline (default {HOST_BASELINE_GIB}); GPU, CUDA context + NCCL buffers (default "
+                    f"{CUDA_CONTEXT_GIB} + {NCCL_BUFFERS_GIB} with several processes)")
+    ap.add_argument("--largest-batch", type=float, default=None, metavar="GIB",
+                    help="print the largest batch_size whose peak fits this many GiB per process")
     ap.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, as on tune run")
     a = ap.parse_args(argv)
@@ -272,12 +296,15 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001  (a malformed key=value)
         print(f"error: overrides: {e}".splitlines()[0], file=sys.stderr)
         return 2
-    kw = dict(seq_len=a.seq_len, response_len=a.response_len, runtime_gb=a.runtime_gb)
+    kw = dict(seq_len=a.seq_len, response_len=a.response_len, runtime_gib=a.runtime_gib)
     if a.largest_batch is not None:
         print(largest_batch(cfg, a.nproc, a.largest_batch, **kw))
         return 0
     e = estimate(cfg, a.nproc, **kw)
-    print(json.dumps(e, indent=1) if a.json else render(e))
+    T = int(cfg.max_length)
+    worst = estimate(cfg, a.nproc, seq_len=T, response_len=max(1, T - a.min_prompt_len), runtime_gib=a.runtime_gib,
+                     shapes=None)
+    print(json.dumps({**e, "worst_case": worst}, indent=1) if a.json else render(e, worst))
     return 0
 
 

@@ -47,6 +47,7 @@ from scale import fsdp as FS  # noqa: E402
 from scale import memory, tiny  # noqa: E402
 from scale import sapo_recipe as R  # noqa: E402
 import sapo  # noqa: E402
+import sapo_fast  # noqa: E402
 
 CONFIGS = ROOT / "scale" / "configs"
 DATA = ROOT / "data" / "ifeval_lite_train.jsonl"
@@ -398,12 +399,19 @@ def test_estimator_cli(capsys):
     out = capsys.readouterr().out
     assert "sharded state" in out and "peak" in out and "checkpoint" in out
     e = memory.estimate(OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo.yaml"), 8, seq_len=2048, response_len=1024)
-    assert abs(e["state_on_device"] / 1e9 - 16.06) < 0.05                 # 16 bytes per parameter / 8
-    assert abs(e["checkpoint_total"] / 1e9 - 96.4) < 0.2                  # fp32 policy + bf16 EMA, ref + RMSprop
-    assert abs(e["checkpoint_host_process0"] / 1e9 - 32.1) < 0.1          # process 0's host RAM while saving
-    assert "checkpoint save (process 0, host)" not in e["phases"] and e["runtime"] == 0    # GPU: not in the peak
+    P = 8_030_261_248                                                     # Llama-3-8B
+    assert abs(e["state_on_device"] - 16 * P / 8) < 1e6                   # 16 bytes per parameter / 8
+    assert abs(e["checkpoint_total"] - 12 * P) < 1e6                      # fp32 policy + bf16 EMA, ref + RMSprop
+    assert abs(e["checkpoint_host_process0"] - 4 * P) < 1e6               # process 0's host RAM while saving
+    # GPU: the checkpoint's state dicts are host RAM, not in the peak; the CUDA context and NCCL buffers are
+    assert "checkpoint save (process 0, host)" not in e["phases"]
+    assert e["runtime"] == (memory.CUDA_CONTEXT_GIB + memory.NCCL_BUFFERS_GIB) * 2**30
     cpu = memory.estimate(OmegaConf.load(CONFIGS / "tiny_cpu.yaml"), 2)
-    assert "checkpoint save (process 0, host)" in cpu["phases"] and cpu["runtime"] == memory.HOST_BASELINE_GB * 1e9
+    assert "checkpoint save (process 0, host)" in cpu["phases"] and cpu["runtime"] == memory.HOST_BASELINE_GIB * 2**30
+    # the logits term is one chunk of sapo_fast.CHUNK_POSITIONS positions, as the recipe computes them
+    assert memory.CHUNK_POSITIONS == sapo_fast.CHUNK_POSITIONS
+    big = memory.estimate(OmegaConf.load(CONFIGS / "llama3_8b_sapo_dpo.yaml"), 8, seq_len=2048, response_len=2032)
+    assert big["policy_phase"]["logits at response positions (one chunk)"] < 4.2 * 2**30      # not (N, V) logits
     assert memory.main(["--config", "nope.yaml", "--nproc", "8"]) == 2
     assert memory.main(["--config", str(CONFIGS / "llama3_8b_sapo_dpo.yaml"), "--nproc", "0"]) == 2
 
@@ -429,8 +437,8 @@ def small_memory_runs(tmp_path_factory):
 def test_mixed_precision_lowers_peak_rss(small_memory_runs):
     out, r = small_memory_runs
     P = memory.model_shapes(OmegaConf.load(out / "config.yaml").model).P
-    saved = r["no_fsdp_mixed_precision"]["train_peak_gb"] - r["fsdp_mixed_precision"]["train_peak_gb"]
-    assert saved >= 0.5 * 2 * P / 1e9, r                                  # at least half the bf16 weight cache
+    saved = r["no_fsdp_mixed_precision"]["train_peak_gib"] - r["fsdp_mixed_precision"]["train_peak_gib"]
+    assert saved >= 0.5 * 2 * P / 2**30, r                                  # at least half the bf16 weight cache
 
 
 def test_resume_peak_within_training_peak(small_memory_runs):
@@ -438,8 +446,8 @@ def test_resume_peak_within_training_peak(small_memory_runs):
     load_full_optimizer_state_dict): measured 1.33 / 1.63 GB setup / training peak against a 1.63 GB training peak
     (before, with torchtune's loaders: 2.08 / 2.05 GB against 1.61 GB; scale/README.md)."""
     _, r = small_memory_runs
-    assert r["resume"]["setup_peak_gb"] <= 1.2 * r["fsdp_mixed_precision"]["train_peak_gb"], r
-    assert r["resume"]["train_peak_gb"] <= 1.2 * r["fsdp_mixed_precision"]["train_peak_gb"], r
+    assert r["resume"]["setup_peak_gib"] <= 1.2 * r["fsdp_mixed_precision"]["train_peak_gib"], r
+    assert r["resume"]["train_peak_gib"] <= 1.2 * r["fsdp_mixed_precision"]["train_peak_gib"], r
 
 
 def test_checkpoint_sizes_match_estimate(small_memory_runs):
