@@ -9,14 +9,14 @@ checked against, and where a CPU run's RSS goes beyond them.
 runs the config's training (as `tune run`) with marks around each piece of a step (EMA update, generation,
 reference forward, policy forward, backward + clip, optimizer step, checkpoint save) and at setup's stages (imports,
 gloo, tokenizer + data, models, optimizer + shared-prefix check). At each mark it records the peak RSS since the
-previous mark (VmHWM, then reset) and the RSS now, and prints one JSON line per process: [[mark, peak GB, RSS GB,
-RSS after trim GB, RssAnon GB, RssFile GB], ...] (the last two after the trim: anonymous memory, i.e. the heap and
+previous mark (VmHWM, then reset) and the RSS now, and prints one JSON line per process: [[mark, peak GiB, RSS GiB,
+RSS after trim GiB, RssAnon GiB, RssFile GiB], ...] (the last two after the trim: anonymous memory, i.e. the heap and
 tensors, and file-backed pages, i.e. shared libraries and mmapped checkpoint files, which the kernel can drop), and
 each mark as it happens once the process group is up. With resume_from_checkpoint=True (output_dir holding a
 checkpoint) setup has marks around each step of the resume: reading the recipe state (mmapped), reading each
 model's checkpoint, filling each (sharded) model, the optimizer state. --resume-of RUN: output_dir becomes a copy of
 the finished run RUN without its newest checkpoint, resumed from the one before (as scale.measure_memory's third
-run: RUN = OUTPUT_FOLDER/fsdp_mixed_precision). GB = 10^9 bytes. With --trim, glibc's malloc_trim(0) runs at every
+run: RUN = OUTPUT_FOLDER/fsdp_mixed_precision). GiB = 2^30 bytes. With --trim, glibc's malloc_trim(0) runs at every
 mark: RSS after it is what live tensors (and the process baseline) hold; the difference is memory the allocator keeps
 for reuse.
 """
@@ -53,7 +53,7 @@ def copy_for_resume(run: Path, out: Path) -> None:
 def _rss(field: str = "VmRSS") -> float:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / 1e9
+            return int(line.split()[1]) * 1024 / 2**30
     return float("nan")
 
 

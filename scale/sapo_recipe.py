@@ -82,7 +82,7 @@ Where this recipe departs from sapo.py, and why
     data position, RNG and step. It is written last, atomically: its presence marks the checkpoint complete.
     The policy is written in its trained dtype (fp32 under bf16-mixed: an exact resume needs the master
     weights; transformers loads it into bf16 with dtype=torch.bfloat16), EMA and reference in bf16. At 8B a
-    checkpoint is 96 GB (scale/README.md). A resume reads one model at a time and mmaps the checkpoint files:
+    checkpoint is 90 GiB (scale/README.md). A resume reads one model at a time and mmaps the checkpoint files:
     each process copies only its own rows of each tensor into its shards (scale/fsdp.py).
   - Stop signals are sapo.py's (sapo_utils.run.StopSignals): the first SIGTERM / SIGINT finishes the step and
     checkpoints; a second one stops at once (the last complete checkpoint stays intact).
@@ -773,7 +773,7 @@ class SAPORecipe(FTRecipeInterface):
             utils.log_rank_zero(log, f"resume_from_checkpoint: nothing in {self.out / 'recipe_state'}; starting fresh")
             return None
         utils.log_rank_zero(log, f"resuming from {states[-1]}")
-        # mmap: the optimizer state (4-8 bytes per parameter, 32-64 GB at 8B) stays in the file (page cache, shared
+        # mmap: the optimizer state (4-8 bytes per parameter, 30-60 GiB at 8B) stays in the file (page cache, shared
         # by the processes of a node); each process copies the slices of its own shards when the optimizer is
         # filled, after the models are built (load_full_optimizer_state_dict), and the mapping goes with `state`
         # at the end of setup. weights_only: never unpickles arbitrary objects.
@@ -848,14 +848,14 @@ class SAPORecipe(FTRecipeInterface):
         """sapo.make_negatives' `generate` on W processes, called with whole micro-batches of B*W rows: process r
         decodes rows r*B .. r*B+B-1 of each (torchtune_generate, each row's noise seeded by row_seed from its
         micro-batch and row), then every process gets every segment, in row order."""
-        GB, B, done = self.global_batch, self.B, [0]       # done: micro-batches written by earlier calls
+        per_micro, B, done = self.global_batch, self.B, [0]   # done: micro-batches written by earlier calls
 
         def generate(model, contexts, max_new_tokens, pad_id, stop_ids, sampling):
-            n_micro = len(contexts) // GB
-            mine = [m * GB + self.rank * B + j for m in range(n_micro) for j in range(B)]
+            n_micro = len(contexts) // per_micro
+            mine = [m * per_micro + self.rank * B + j for m in range(n_micro) for j in range(B)]
             n_steps = max(max_new_tokens)            # the same on every process: all of them decode as long
             cache_dtype = self.compute_dtype if self.mixed else next(model.parameters()).dtype
-            seeds = [row_seed(self.seed, self.step, done[0] + i // GB, i % GB) for i in mine]
+            seeds = [row_seed(self.seed, self.step, done[0] + i // per_micro, i % per_micro) for i in mine]
             done[0] += n_micro
             segments = torchtune_generate(model, [contexts[i] for i in mine], [max_new_tokens[i] for i in mine],
                                           pad_id, stop_ids, sampling, seeds, n_steps, cache_dtype, self.device)
@@ -869,7 +869,7 @@ class SAPORecipe(FTRecipeInterface):
             rows = [None] * len(contexts)
             for r, part in enumerate(parts):            # process r's k-th row: micro-batch k // B, row r*B + k % B
                 for k, row in enumerate(part.tolist()):
-                    rows[(k // B) * GB + r * B + k % B] = [t for t in row if t >= 0]
+                    rows[(k // B) * per_micro + r * B + k % B] = [t for t in row if t >= 0]
             return rows
         return generate
 
