@@ -17,7 +17,7 @@ The parts, each within its share of --budget-s (an unused share goes to the next
            bf16 KV cache, as the recipe runs it. ms per decoding step = (median time of 64 new tokens - median time
            of 16) / 48, after a warm-up, with torch.cuda.synchronize around each call. Host syncs per decoding step
            from the same difference, counted twice: torch.cuda.set_sync_debug_mode("warn")'s warnings, and the
-           calls that read a tensor's value on the host (tests/test_scale.py's HostReads). The recipe checks
+           calls that read a tensor's value on the host (host_read_counter). The recipe checks
            whether every row has stopped every DONE_CHECK_EVERY (16) steps and reads nothing else: PASS at most
            1 / DONE_CHECK_EVERY per step. No row stops early (the stop id is -1), so every call decodes all steps.
   fsdp     the recipe's own model building (SAPORecipe._build: meta device, scale/fsdp.py's sharding plan with
@@ -343,8 +343,8 @@ def autocast(device):
 
 
 def host_read_counter():
-    """Counts the calls that read a tensor's value on the host (each one a sync on a GPU): tests/test_scale.py's
-    HostReads."""
+    """A TorchFunctionMode counting (in .n) the calls that read a tensor's value on the host: each one a sync on a
+    GPU (tests/test_scale.py counts a decoding loop's with it)."""
     import torch
 
     class HostReads(torch.overrides.TorchFunctionMode):

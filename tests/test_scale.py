@@ -58,6 +58,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from scale import fsdp as FS  # noqa: E402
 from scale import sapo_recipe as R  # noqa: E402
+from scale.gpu_check import host_read_counter  # noqa: E402
 
 CONFIGS = ROOT / "scale" / "configs"
 DATA = ROOT / "data" / "ifeval_lite_train.jsonl"
@@ -243,19 +244,6 @@ def test_greedy_segments_match_transformers_generate(tiny_dir, tmp_path):
     assert all(len(s) <= n for s, n in zip(ours, new))
 
 
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the calls that read a tensor's value on the host: on a GPU each one waits for the device (a sync)."""
-    READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.n += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
-
-
 def test_decoding_steps_read_nothing_on_the_host(tiny_dir, tmp_path, monkeypatch):
     """The recipe's decoding loop reads no device value per layer or per token (torchtune's KVCache.update asserts
     on one in every layer; the sampler's tie count and the `done` check read one per token): 32 more decoding steps
@@ -266,7 +254,7 @@ def test_decoding_steps_read_nothing_on_the_host(tiny_dir, tmp_path, monkeypatch
     kw = dict(pad_id=tok.pad_id, stop_ids=[], sampling=sapo.segment_sampling(0.7, 50, 0.95), seeds=[1, 2])
 
     def reads(n):
-        with HostReads() as mode:
+        with host_read_counter() as mode:
             R.torchtune_generate(tt_model, contexts, [n, n], **kw)
         return mode.n
     assert reads(48) - reads(16) <= 2
