@@ -1,9 +1,9 @@
 """Trace one optimizer step of scale/sapo_recipe.py at full size without a GPU, and compare each phase's peak
 memory per process with scale/memory.py's estimate.
 
-    python -m scale.simulate --config scale/configs/llama3_8b_sapo_dpo.yaml --nproc 8         # ~6 min
-    python -m scale.simulate --config scale/configs/mistral_7b_sapo_orpo.yaml --nproc 8       # ~6 min
-    python -m scale.simulate --config scale/configs/llama3_8b_sapo_dpo_lora.yaml --nproc 1    # ~15 min
+    python -m scale.simulate --config scale/configs/llama3_8b_sapo_dpo.yaml --nproc 8         # ~5 min
+    python -m scale.simulate --config scale/configs/mistral_7b_sapo_orpo.yaml --nproc 8       # ~5 min
+    python -m scale.simulate --config scale/configs/llama3_8b_sapo_dpo_lora.yaml --nproc 1    # ~8 min
     python -m scale.simulate --config scale/configs/tiny_cpu.yaml --nproc 2 --json            # seconds (the tests)
     ... [--prompt-len 32] [key=value overrides, as on `tune run`]
 
@@ -34,8 +34,8 @@ How
   - Steady state: the optimizer state exists before the traced step (a warm-up optimizer step on zero gradients,
     untracked, as step 1 leaves it); the step is SAPO-DPO's reference refresh step (step = ref_update_steps) and the
     run's last, so it refreshes the reference and saves a checkpoint.
-  - Data-dependent values (RealIndexMode): token ids, masks, positions and other integer / bool tensors (and tiny
-    float ones) are real CPU tensors, so a boolean mask selects the positions it really holds; model-sized tensors
+  - Data-dependent values (RealIndexMode): token ids, masks, positions and other integer / bool tensors (and what is
+    computed from them alone) are real CPU tensors, so a boolean mask selects the positions it really holds; model-sized tensors
     are fake. A scalar read from a fake tensor (loss, gradient norm) is 0: finite, so the optimizer steps; sampled
     tokens are never a stop token, so every segment is G tokens long and decoding runs all G steps (the worst case).
   - Worst-case shapes: synthetic examples of --prompt-len prompt tokens and max_length - prompt-len response tokens.
@@ -98,9 +98,11 @@ PHASES = ("EMA update", "generation", "reference forward", "policy forward + bac
 ESTIMATOR_PHASE = {"EMA update": None, "generation": "generation", "reference forward": "reference forward",
                    "policy forward + backward": "policy forward + backward", "optimizer step": "optimizer step",
                    "checkpoint save": "checkpoint"}
-# integer / bool tensors up to this many elements, and any tensor up to SMALL_FLOAT elements, are real (data)
+# integer / bool tensors made by factories (arange, zeros, full, eye ...) up to this many elements are real: index
+# data. Float factories are always fake, however small: a real float buffer filled by a collective (FSDP's
+# reduce-scatter output of a small unit) would keep its uninitialised bytes, since the fake process group copies
+# nothing (a NaN gradient norm then skips the optimizer step)
 REAL_INT_LIMIT = 2 ** 30
-SMALL_FLOAT = 4096
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,8 +227,8 @@ def _tensors(x, out: list) -> list:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Sits above FakeTensorMode. Token ids, masks, positions and other integer / bool tensors (and tiny float
-    ones) made from Python data are real CPU tensors, and ops on real tensors only run for real, so a boolean
+    """Sits above FakeTensorMode. Token ids, masks, positions and other integer / bool tensors made from Python
+    data are real CPU tensors, and ops on real tensors only run for real, so a boolean
     mask indexes a fake tensor with the positions it really holds (torch's fake mode cannot: the count is
     data-dependent). Model-sized tensors stay fake. A scalar read from a fake tensor returns 0 (the worst case
     for the recipe's checks: not done, finite); generator-driven random fills on fake tensors drop the generator."""
@@ -260,7 +262,14 @@ class RealIndexMode(TorchDispatchMode):
             if (where == {"cpu"} and target in (None, "cpu")) or (where <= {"meta"} and target == "meta") or \
                     (where == {"meta"} and target is None):
                 with unset_fake_temporarily():
-                    return func(*args, **kwargs)
+                    out = func(*args, **kwargs)
+                    if func is torch.ops.c10d.allgather_.default:
+                        # the fake process group gathers nothing: every process holds what this one does (the
+                        # recipe's all-gathered segments: all of them G tokens long, not uninitialised memory)
+                        for outputs, inp in zip(args[0], args[1]):
+                            for o in outputs:
+                                o.copy_(inp)
+                    return out
         if fake and func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
                              torch.ops.aten.index_put_.default, torch.ops.aten._unsafe_index.Tensor):
             args = list(args)
@@ -269,8 +278,8 @@ class RealIndexMode(TorchDispatchMode):
                            and i.dtype == torch.bool else (i,) for i in args[1]]
             args[1] = [j for i in args[1] for j in i]
         out = func(*args, **kwargs)
-        if not flat and isinstance(out, torch.Tensor) and out.device.type == "cpu" and (
-                out.numel() <= SMALL_FLOAT or (not out.dtype.is_floating_point and out.numel() <= REAL_INT_LIMIT)):
+        if not flat and isinstance(out, torch.Tensor) and out.device.type == "cpu" and \
+                not out.dtype.is_floating_point and not out.dtype.is_complex and out.numel() <= REAL_INT_LIMIT:
             with unset_fake_temporarily():             # a factory of index data (arange, zeros, full, eye ...)
                 return func(*args, **kwargs)
         return out
@@ -517,6 +526,9 @@ def _trace_step(recipe, cfg, examples, tok, vocab_size: int) -> dict:
         phases.mark(between)
         recipe.train()
         phases.mark(None)
+    if recipe.skipped:   # scalars read from fake tensors are 0: a NaN / inf came from real (index) data
+        raise RuntimeError("the traced optimizer step was skipped for a non-finite loss or gradient norm, which "
+                           "only real tensors can produce here: the trace has no optimizer phase to report")
     order = [k for k in PHASES if k in phases.peaks]
     return {"phases": {k: phases.peaks[k] for k in order}, "phase_start": {k: phases.start[k] for k in order},
             "breakdown": {k: phases.breakdown[k] for k in order},
