@@ -10,29 +10,41 @@ override the config as on `tune run`. Sizes are in GiB = 2^30 bytes, the unit of
 (--json: bytes).
 
 The model of one process (W processes, P parameters, L layers of P_l, width D, MLP width F, vocabulary V; c the
-compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = response tokens, G = segment_len):
-  sharded state   policy weights, gradients and optimizer state (trained dtype), EMA and reference (frozen
-                  dtype), each / W; LoRA: the frozen base / W plus adapter-sized copies. 0 with fsdp_cpu_offload.
+compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = response tokens, G = segment_len).
+Each term is what scale/simulate.py's trace of the recipe's step shows alive at that phase's peak (per phase within
+10% of the trace on the 7-8B configs and their variants: scale/README.md):
+  resident state  policy weights and optimizer state (trained dtype), EMA and reference (frozen dtype), each / W;
+                  LoRA: the frozen base / W plus adapter-sized copies. 0 with fsdp_cpu_offload.
+  gradients       P / W in the trained dtype, from the step's first backward to its optimizer step (the recipe
+                  frees them right after it): in the policy phase with accumulation, the reference forward of
+                  micro-batches after the first, and the optimizer step.
   gathered weights
-                  the layer in use and the prefetched next one, each P_l in the gathered dtype (bf16 under
-                  bf16-mixed with FSDP mixed precision, else the stored dtype), their unsharded gradients and the fp32
-                  reduce-scatter input in backward, and the output layer (V x D) at the loss. Without FSDP mixed
-                  precision (`fsdp_mixed_precision: False`, torchtune's own shard_model) autocast also caches a bf16
-                  copy of every trained weight for the length of the forward: + 2 P (+ 2 P / W on one process).
-  activations     activation checkpointing keeps each layer's input: L x D x (residual dtype) per token, over
-                  B x (T + R) tokens (one row per tuple: x, y+ and y-'s own tokens; packing short tuples into
-                  shared rows only lowers it) or B x 2T (two rows), and
-                  recomputes one layer in backward (its activations and their gradients, ~ (8 D + 2 kv + 4 F) x c x 2
-                  per token). One row per tuple adds the (B, T', T') attention mask, bool plus its float bias.
+                  FSDP2 units are each layer, custom_sharded_layers and the root. The root's own parameters (the
+                  embeddings and output layer unless custom_sharded_layers names them) stay gathered from the
+                  forward's start to the backward's end, a layer while it runs plus the prefetched next one (every
+                  layer, fsdp_reshard_after_forward: False), a separately sharded output layer at the loss; bf16
+                  under FSDP mixed precision, else the stored dtype. In backward, one layer's unsharded gradients
+                  and its fp32 reduce-scatter input. Without FSDP mixed precision (`fsdp_mixed_precision: False`)
+                  autocast also caches a bf16 copy of every weight a matmul reads for the length of the forward.
+  activations     activation checkpointing keeps each layer's input, D x (residual dtype) per token per layer, over
+                  B x (T + R) tokens (one row per tuple: x, y+ and y-'s own tokens) or B x 2T (two rows), plus the
+                  (B, T', T') mask (bool and its bias). The backward recomputes one layer: its saved activations
+                  ((9 D + 2 kv + 4 F) c + (D + kv) x 4 per token: q and k rotated in fp32) and the gradients of
+                  its MLP activations (3 F c); LoRA's frozen projections save less ((3 F + 7 D) c + 2 D x 4).
+                  Without grad (reference forward, prefill) a layer holds (4 D + 3 F) c per token at once (LoRA on
+                  the MLP: 4 F).
   logits          the output layer runs at the N = 2 B R scored positions only, C = min(N, sapo_fast.CHUNK_POSITIONS)
                   positions at a time, each chunk recomputed in backward (sapo_fast.chunked_token_logps): one chunk's
-                  (C, V) logits are alive, c + 4 (fp32 copy) + 4 (log-softmax) + 4 (its gradient) bytes per entry in
-                  backward, plus the scored positions' hidden states (N x D x c) kept for it. The reference's
-                  (no grad): c + 8 per entry of one chunk (its logits, the fp32 copy, cross-entropy's log-softmax).
-  generation      the EMA gathered whole (gather_generator_weights, W > 1: the (W-1)/W of it other processes hold),
-                  its KV cache (L x 2 x kv x (T + G) x B' x c) and one layer's prefill activations, for the B' rows
-                  of one generate call: B x gradient_accumulation_steps (all of a step's micro-batches), or
-                  generate_rows_per_call.
+                  fp32 logits, log-softmax and their gradient (12 bytes per entry) and, for a trained output layer,
+                  the gradient in the compute dtype, plus the scored positions' hidden states (N x D x c). The
+                  reference's (no grad): 8 bytes per entry.
+  EMA update      scale.fsdp.local_ema_update casts every policy shard to the EMA's dtype at once (P x EMA bytes
+                  / W where they differ).
+  generation      the EMA gathered whole, this process's shard included (gather_generator_weights, W > 1; without
+                  it, unit by unit at every decoding step), its KV cache (L x 2 x kv x T x B' x c: sapo.truncation_point
+                  keeps context + G <= T) and the prefill's layer over T - G tokens, for the B' rows of one generate
+                  call: B x gradient_accumulation_steps (all of a step's micro-batches), or generate_rows_per_call.
+  optimizer step  the gradients and torch's foreach temporaries of one state tensor's size (P / W x trained dtype).
   host process baseline (CPU runs only)
                   what a CPU process holds before any model: python + torch + torchtune + the recipe imported, gloo,
                   tokenizer and data (HOST_BASELINE_GIB, measured; the recipe logs its own as memory/runtime_rss_gib;
@@ -40,16 +52,15 @@ compute dtype's bytes; B prompts per micro-batch; T = prompt + y+ tokens; R = re
   CUDA context and NCCL buffers (GPU runs): outside torch's allocator, so not in memory/peak_allocated_gib, but on
                   the GPU: CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB with several processes (an allowance; --runtime-gib).
   checkpoint save process 0 gathers each model's full state dict in turn, then the full optimizer state, into host
-                  memory: max(P x trained dtype, P x optimizer bytes). A phase of the RSS peak on CPU runs; on CUDA
-                  host RAM besides the GPU (printed, not in the GPU peak).
-The training peak is the largest of the phases: generation, reference forward, policy forward + backward,
-optimizer step (torch's foreach optimizers hold temporaries of one state tensor's size, P / W x trained dtype),
-and on CPU the checkpoint save.
+                  memory: max(P x trained dtype, P x optimizer bytes); LoRA: the base with the adapters merged in
+                  place. A phase of the RSS peak on CPU runs; on CUDA host RAM besides the GPU (printed, not in the
+                  GPU peak).
+The peak is the resident state plus the largest phase (on CPU, the checkpoint save among them) plus the runtime.
 
 Not counted: memory an allocator keeps after tensors are freed. On CPU, glibc keeps freed blocks below its mmap
-threshold (up to 32 MB) in per-thread arenas, so RSS ratchets above the live tensors: on the 55 M-parameter CPU runs
-the estimate is 27% below the measured peak RSS (scale/README.md, scale/memory_phases.py), outside the 15% target.
-Not validated on GPUs: no GPU was available.
+threshold (up to 32 MB) in per-thread arenas, so RSS ratchets above the live tensors (scale/README.md gives the
+measured gap on the 55 M and 231 M CPU runs), nor the CUDA caching allocator's reserve beyond allocated memory
+(the recipe logs memory/peak_reserved_gib beside memory/peak_allocated_gib). Not yet checked on a GPU.
 """
 from __future__ import annotations
 
@@ -82,6 +93,9 @@ class Shapes:
     kv: int           # num_kv_heads x head_dim
     V: int
     adapters: int = 0  # LoRA parameters
+    P_embed: int = 0   # the token embeddings (V x D)
+    tied: bool = False  # the output layer is the embeddings' weight (TiedLinear)
+    lora_mlp: bool = False  # LoRA adapters on the MLP's projections
 
 
 def model_shapes(cfg_model) -> Shapes:
@@ -101,8 +115,10 @@ def model_shapes(cfg_model) -> Shapes:
     D = m.tok_embeddings.embedding_dim
     w1 = getattr(layer.mlp, "w1", None)
     F = w1.weight.shape[0] if w1 is not None and hasattr(w1, "weight") else 4 * D
+    lora_mlp = any("lora" in n for n, _ in layer.mlp.named_parameters())
     return Shapes(P=P, P_layer=P_layer, P_out=P_out or m.tok_embeddings.weight.numel(), L=len(m.layers), D=D, F=F,
-                  kv=attn.num_kv_heads * attn.head_dim, V=m.tok_embeddings.num_embeddings, adapters=adapters)
+                  kv=attn.num_kv_heads * attn.head_dim, V=m.tok_embeddings.num_embeddings, adapters=adapters,
+                  P_embed=m.tok_embeddings.weight.numel(), tied=not P_out, lora_mlp=lora_mlp)
 
 
 def optimizer_state_bytes(cfg_opt, param_bytes: int) -> float:
@@ -146,7 +162,8 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     if lora:
         A = s.adapters
         state["base weights (frozen, shared)"] = s.P * (fb if mixed else wb) / W
-        state["adapters: policy + grads + optimizer + EMA + reference"] = A * (4 + 4 + 2 * 4 + 4 + 4 * dpo) / W
+        state["adapters: policy + optimizer + EMA + reference"] = A * (4 + 2 * 4 + 4 + 4 * dpo) / W
+        state["gradients"] = A * 4 / W
     else:
         state["policy weights"] = s.P * wb / W
         state["gradients"] = s.P * wb / W
@@ -155,33 +172,71 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         if dpo:
             state["reference"] = s.P * fb / W
     state_total = sum(state.values())
-    on_device_state = 0.0 if offload and W > 1 else state_total
+    on_device = not (offload and W > 1)
+    on_device_state = state_total if on_device else 0.0
+    # gradients exist from the step's first backward until the optimizer step (zero_grad(set_to_none=True) right
+    # after it): in the phases that run before the first backward they are not there
+    grads = state["gradients"] if on_device else 0.0
+    resident = on_device_state - grads
 
     # -- working memory ------------------------------------------------------------------------------------
     gb = 2 if fsdp_mp else (fb if lora else wb)                            # a gathered weight's bytes
-    gathered_layers = 0.0 if W == 1 else 2 * s.P_layer * gb                 # in use + prefetched
+    # FSDP2 units: each layer, custom_sharded_layers, the root. The root's own parameters (the embeddings and the
+    # output layer unless custom_sharded_layers names them) stay gathered from the forward's start to the backward's
+    # end; a layer only while it runs, the next one prefetched (the policy's every layer from its forward to its
+    # backward with fsdp_reshard_after_forward: False); a separately sharded output layer at the loss.
+    own_units = set(cfg.get("custom_sharded_layers") or [])
+
+    root = s.P_embed * ("tok_embeddings" not in own_units) + s.P_out * (not s.tied and "output" not in own_units)
+
+    def gathered(b, layers=2):                                             # b: a gathered weight's bytes
+        return 0.0 if W == 1 else (layers * s.P_layer + root) * b
+
+    def output_unit(b):
+        return 0.0 if W == 1 or "output" not in own_units or s.tied else s.P_out * b
+
+    gb = 2 if fsdp_mp else (fb if lora else wb)                            # the policy's gathered weights
+    policy_layers = 2 if cfg.get("fsdp_reshard_after_forward", True) else s.L
+    gathered_policy = gathered(gb, policy_layers) + output_unit(gb)
     trained_layer = 0 if lora else s.P_layer                               # LoRA: adapter gradients only (small)
     grad_layer = 0.0 if W == 1 else trained_layer * (gb + 4)               # unsharded grads + fp32 reduce-scatter input
-    out_layer = 0.0 if W == 1 else s.P_out * gb
     autocast_cache = 0.0
-    if mixed and not fsdp_mp and not lora:
-        autocast_cache = 2 * s.P                                           # bf16 copy of every trained fp32 weight
+    if mixed and not fsdp_mp and not lora:        # bf16 copy of every trained fp32 weight a matmul reads
+        autocast_cache = 2 * (s.P - (0 if s.tied else s.P_embed))
     act_b = c if (fsdp_mp or lora or not mixed) else 4                      # residual stream: fp32 embeddings -> 4
     tokens = B * (T + R) if shared_prefix else B * 2 * T
     row_len = (T + R) if shared_prefix else T
     rows = B if shared_prefix else 2 * B
-    checkpoints = tokens * s.L * s.D * act_b if cfg.get("enable_activation_checkpointing", False) else \
-        tokens * s.L * (8 * s.D + 2 * s.kv + 4 * s.F) * c
-    per_token_layer = (8 * s.D + 2 * s.kv + 4 * s.F) * c
-    recompute = tokens * per_token_layer * 2
+    # One decoder layer, bytes per token (torchtune's layer traced on fake tensors, scale/simulate.py):
+    #   saved for backward: the norms, q / k / v, attention output, the MLP's w1 / w3 outputs, their product ...
+    #   ((9 D + 2 kv + 4 F) c) and q and k rotated in fp32 ((D + kv) x 4); in backward, the gradients of the MLP's
+    #   activations besides (3 F c); without grad only a few at once, the residual stream included: four D-wide
+    #   (the stream before and after attention, the normed input, the MLP's output) and three F-wide (w1, w3 and
+    #   their product): (4 D + 3 F) c
+    layer_saved = (9 * s.D + 2 * s.kv + 4 * s.F) * c + (s.D + s.kv) * 4
+    layer_grads = 3 * s.F * c
+    if lora:   # a frozen projection saves no input for its weight's gradient: (6 F + 7 D) c + 2 D x 4 in all
+        layer_saved, layer_grads = (3 * s.F + 7 * s.D) * c + 2 * s.D * 4, 3 * s.F * c
+    layer_no_grad = (4 * s.D + (4 if s.lora_mlp else 3) * s.F) * c         # LoRA: w3's base and adapter outputs
+    if cfg.get("enable_activation_checkpointing", False):
+        checkpoints = tokens * s.L * s.D * act_b                           # each layer's input
+        recompute = tokens * (layer_saved + layer_grads)                   # one layer recomputed in backward
+    else:
+        checkpoints = tokens * s.L * layer_saved
+        recompute = tokens * layer_grads
     mask = rows * row_len ** 2 * (1 + c) if shared_prefix else 0
     N = B * 2 * R                                                          # scored positions
     C = min(N, CHUNK_POSITIONS)                                            # positions per output-layer chunk
     hidden_scored = N * s.D * c
-    logits_bwd = C * s.V * (c + (4 if c < 4 else 0) + 4 + 4) + hidden_scored
-    logits_ref = C * s.V * (c + (4 if c < 4 else 0) + 4)
+    # in backward, one chunk recomputed: its fp32 logits, log-softmax and their gradient, and (a trained output
+    # layer) the gradient in the compute dtype for the weight's gradient (traced: a frozen one holds 12 bytes)
+    logits_bwd = C * s.V * (4 + 4 + 4 + (0 if lora else c)) + hidden_scored
+    logits_ref = C * s.V * (4 + 4) + hidden_scored         # no grad: the compute-dtype logits are freed once cast
+    # with accumulation, micro-batches after the first find the gradients of the ones before
+    grads_in_backward = grads if int(cfg.get("gradient_accumulation_steps", 1)) > 1 else 0.0
     policy_phase = {
-        "gathered weights (2 layers, output layer)": gathered_layers + out_layer,
+        "gradients (accumulated over micro-batches)": grads_in_backward,
+        "gathered weights (layers in use, root, output layer)": gathered_policy,
         "gathered gradients (1 layer, reduce-scatter)": grad_layer,
         "autocast weight cache (no FSDP mixed precision)": autocast_cache,
         "activation checkpoints": checkpoints,
@@ -190,34 +245,52 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         "logits at response positions (one chunk)": logits_bwd,
     }
     # the loss's peak: logits are alive with the checkpoints; the recomputed layer comes after the logits are freed
-    policy_peak = (gathered_layers + out_layer + autocast_cache + checkpoints + mask
+    policy_peak = (grads_in_backward + gathered_policy + autocast_cache + checkpoints + mask
                    + max(logits_bwd, recompute + grad_layer))
-    ref_phase = (gathered_layers + out_layer + tokens * per_token_layer + mask + logits_ref) if dpo else 0.0
-    ema_gather = s.P * fb * (W - 1) / W if (W > 1 and cfg.get("gather_generator_weights", True)) else 0.0
+    # no grad: one layer's tensors at a time (the boolean mask; SDPA's bias lives only inside attention); then the
+    # output layer, gathered, a chunk at a time, the layers resharded. Micro-batches after the first find the
+    # gradients of the ones before.
+    ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix
+                 + max(gathered(fb) + tokens * layer_no_grad, gathered(fb, 0) + output_unit(fb) + logits_ref)) if dpo else 0.0
+    # the EMA update casts every policy shard to the EMA's dtype at once (scale.fsdp.local_ema_update); the
+    # reference refresh copies in place
+    ema_phase = s.P * fb / W if (not lora and wb != fb) else 0.0
+    # generation: FSDP2 gathers the whole EMA into new buffers, this process's own shard included
+    # (without gather_generator_weights: unit by unit at every decoding step, as in a forward; while a unit's
+    # parameters are copied out of its all-gather buffer both exist, the root's the largest)
+    if W == 1:
+        ema_gather, unit_copy = 0.0, 0.0
+    elif cfg.get("gather_generator_weights", True):
+        ema_gather, unit_copy = s.P * fb, 0.0
+    else:
+        ema_gather, unit_copy = gathered(fb) + output_unit(fb), max(root, s.P_layer) * fb
     # one generate call decodes this process's rows of all the step's micro-batches (generate_rows_per_call: fewer)
     gen_rows = B * int(cfg.get("gradient_accumulation_steps", 1))
     if cfg.get("generate_rows_per_call"):
         gen_rows = max(B, min(gen_rows, int(cfg.generate_rows_per_call) // B * B))
-    kv_cache = s.L * 2 * s.kv * (T + G) * gen_rows * c
-    prefill = gen_rows * T * per_token_layer
-    gen_phase = ema_gather + kv_cache + prefill + gen_rows * s.V * 4 * 3
-    opt_phase = (s.P if not lora else s.adapters) * wb / W
+    # sapo.truncation_point keeps |x| + t + G <= |x| + |y+| (and <= max_length): the KV cache holds at most T
+    # tokens per row, the prefill T - G; the causal mask covers the cache, its bias the prefill's rows
+    ctx = max(T - G, 1)
+    kv_cache = s.L * 2 * s.kv * T * gen_rows * c
+    prefill = gen_rows * ctx * layer_no_grad + gen_rows * ctx * T * c
+    gen_phase = ema_gather + kv_cache + max(prefill, unit_copy) + gen_rows * T * T + gen_rows * s.V * 4 * 3
+    opt_phase = grads + (s.P if not lora else s.adapters) * wb / W          # + foreach temporaries
     # process 0 writing a checkpoint: each model's full state dict in turn (gathered into host memory), then the full
     # optimizer state; host RAM on CUDA (besides the GPU), part of the RSS peak on CPU runs that save mid-training
     if lora:
-        ckpt_host = 2 * s.P * fb + s.adapters * 4 * 3      # the gathered base + the merged copy, adapters
+        ckpt_host = s.P * fb + s.adapters * 4 * 3      # the gathered base (the adapters merged into it in place)
     else:
         ckpt_host = max(s.P * wb, s.P * opt_b)
     if runtime_gib is None:
         runtime_gib = HOST_BASELINE_GIB if cpu else CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if W > 1 else 0.0)
     runtime = runtime_gib * GIB
 
-    phases = {"generation": gen_phase, "reference forward": ref_phase, "policy forward + backward": policy_peak,
-              "optimizer step": opt_phase}
+    phases = {"EMA update": ema_phase, "generation": gen_phase, "reference forward": ref_phase,
+              "policy forward + backward": policy_peak, "optimizer step": opt_phase}
     if cpu:
         phases["checkpoint save (process 0, host)"] = ckpt_host
     peak_phase = max(phases, key=phases.get)
-    peak = runtime + on_device_state + phases[peak_phase]
+    peak = runtime + resident + phases[peak_phase]
     # checkpoint sizes: policy in its trained dtype (exact resume), EMA / reference frozen dtype, optimizer state
     if lora:
         ckpt = {"policy (merged, base dtype) + adapters": s.P * fb + s.adapters * 4,
@@ -225,7 +298,8 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     else:
         ckpt = {"policy": s.P * wb, "EMA": s.P * fb, "reference": s.P * fb * dpo, "optimizer state": s.P * opt_b}
     return {"nproc": W, "batch_size": B, "seq_len": T, "response_len": R, "params": s.P, "adapters": s.adapters,
-            "state": state, "state_on_device": on_device_state, "policy_phase": policy_phase, "phases": phases,
+            "state": state, "state_on_device": on_device_state, "resident_on_device": resident,
+            "policy_phase": policy_phase, "phases": phases,
             "runtime": runtime, "peak_phase": peak_phase, "peak": peak, "checkpoint": ckpt,
             "checkpoint_total": sum(ckpt.values()), "offload_host_per_process": state_total if offload else 0.0,
             "checkpoint_host_process0": ckpt_host}
@@ -250,10 +324,12 @@ def render(e: dict, worst: dict | None = None) -> str:
              + (f" + {e['adapters'] / 1e6:.1f} M adapter parameters" if e["adapters"] else ""), "",
              "sharded state (GiB)"]
     lines += [f"  {f(v)}  {k}" for k, v in e["state"].items()]
-    lines += [f"  {f(e['state_on_device'])}  on the device (0 with fsdp_cpu_offload)", "",
-              "policy forward + backward (GiB)"]
+    lines += [f"  {f(e['state_on_device'])}  on the device (0 with fsdp_cpu_offload)",
+              f"  {f(e['resident_on_device'])}  of which resident: all but the gradients, which exist from the step's "
+              "first backward to its optimizer step", "", "policy forward + backward (GiB)"]
     lines += [f"  {f(v)}  {k}" for k, v in e["policy_phase"].items() if v]
-    lines += ["", "phases above the sharded state (GiB)"] + [f"  {f(v)}  {k}" for k, v in e["phases"].items()]
+    lines += ["", "phases above the resident state (GiB; gradients where they exist)"]
+    lines += [f"  {f(v)}  {k}" for k, v in e["phases"].items()]
     lines += ["", f"  {f(e['runtime'])}  outside the model: CUDA context and NCCL buffers (GPU), or the host process "
               "baseline (CPU)",
               f"peak {e['peak'] / GIB:.2f} GiB per process, in: {e['peak_phase']}"]

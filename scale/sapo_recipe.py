@@ -944,7 +944,6 @@ class SAPORecipe(FTRecipeInterface):
         # update and before its loss (the authors' moving_average)
         if sapo.refresh_due(self.method, self.step, self.ref_every):
             self._refresh_reference()
-        self.optimizer.zero_grad(set_to_none=True)
         # (2) self-augmented negatives for the step's fresh prompts, written by the EMA model: all micro-batches
         # in one generate call (sapo.py's order: every truncation point, then the buffer samples)
         fresh = [self.examples[i] for _ in range(self.grad_accum) for i in self.stream.next(self.global_batch)]
@@ -979,6 +978,10 @@ class SAPORecipe(FTRecipeInterface):
         grad_norm, skipped = guarded_step(self.optimizer, trainable, max_norm, [metrics["loss"]],
                                           cfg.get("on_nonfinite", "skip"), self.step)
         self.skipped += skipped   # a skipped step leaves the weights as they were, and still counts
+        # freed now, not at the next step's start: no gradients are alive while the checkpoint is gathered, nor
+        # during the next EMA update, generation and reference forward (scale/memory.py counts them only from
+        # the first backward to the optimizer step)
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,

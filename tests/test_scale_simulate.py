@@ -7,8 +7,9 @@ a fake process group, MemTracker), per phase, against scale/memory.py.
     exception inside the recipe's code exits 1 with its traceback. At these shapes (a 32-wide model) masks and
     buffers the estimator ignores are most of each phase, so the estimate is not compared here.
   - Llama-3-8B's shapes with 8 of its 32 layers (the real width, heads, 128k vocabulary; 8 fake processes; the real
-    config otherwise, segment_len 16 so that decoding is short; ~20 s): every phase within TOLERANCE of the estimate
-    after the named terms (scale.simulate.named_terms), and the terms checked against what the trace shows.
+    config otherwise, segment_len 16 so that decoding is short; ~15 s): every phase within TOLERANCE of the
+    estimate, and the estimator's terms checked against what the trace shows; Qwen2-7B's and Llama-3.2's (tied
+    embeddings, LoRA) shapes on a few layers.
   - The full 7-8B configs at their world sizes (about 5 minutes each for the 8-GPU configs, 8 for LoRA on 2 CPU
     cores): SAPO_SIMULATE_FULL=1 runs them with the same checks.
 """
@@ -26,18 +27,10 @@ from scale import simulate as S  # noqa: E402
 
 CONFIGS = ROOT / "scale" / "configs"
 GIB = 2 ** 30
-# Relative tolerance on the residual, (estimate - named terms - traced) / traced, per phase. Why 15%: the estimator
-# counts each phase's large tensors (sharded state, gathered weights, activation checkpoints, one recomputed layer
-# with its gradients, one logits chunk, the KV cache and prefill) but not which of a layer's tensors are alive at
-# once; its recomputed layer ((8 D + 2 kv + 4 F) values per token, twice) is ~2 GiB above what the backward holds
-# at Llama-3-8B's shapes, its prefill ~1 GiB (LoRA's 64 rows: ~4 GiB) above the no-grad MLP's peak. Measured
-# residuals at full size: at most +9.6% (policy forward + backward; generation +2.8% / +7.7%); with 8 of 32 layers
-# those fixed excesses weigh more: +11.3% (policy), +8.4% (generation). Every other phase is within 1%.
-TOLERANCE = 0.15
-# reference forward: the estimate adds one whole layer's activations and one logits chunk at once, while a no-grad
-# forward frees each tensor as it is used and runs the output layer after the last layer: an upper bound by
-# construction (residual +36% for Llama-3-8B DPO, +18% for LoRA), checked one-sided
-UPPER_BOUND = {"reference forward"}
+# Relative tolerance per phase on (estimate - traced) / traced: what issue-level accuracy asks of the estimator. At
+# Llama-3-8B's shapes every phase is within 1% but LoRA's backward (+7%: the frozen base's recomputed layer holds
+# less than the trained layer the estimator counts) and the no-checkpointing / two-row variants (-5 to -7%).
+TOLERANCE = 0.10
 
 
 def trace(config: Path, nproc: int, *overrides: str) -> dict:
@@ -50,11 +43,7 @@ def check_against_estimator(r: dict) -> None:
     assert set(r["table"]) >= set(S.PHASES) - {"reference forward"}
     for phase, row in r["table"].items():
         assert row["traced"] > 0 and row["estimated"] > 0, (phase, row)
-        residual = row["residual"]
-        if phase in UPPER_BOUND:
-            assert residual > -TOLERANCE, (phase, row, r["named_terms"].get(phase))
-        else:
-            assert abs(residual) <= TOLERANCE, (phase, row, r["named_terms"].get(phase))
+        assert abs(row["difference"]) <= TOLERANCE, (phase, row)
 
 
 # ----------------------------------------------------------------------------- tiny: the command itself
@@ -138,18 +127,19 @@ def llama3_8_layers():
 
 def test_llama3_shapes_match_the_estimator(llama3_8_layers):
     """llama3_8b_sapo_dpo.yaml with 8 of its 32 layers, 8 fake processes: each phase within TOLERANCE of
-    scale/memory.py after the named terms."""
+    scale/memory.py."""
     r = llama3_8_layers
     assert r["packed"]
     check_against_estimator(r)
 
 
-def test_named_terms_are_what_the_trace_shows(llama3_8_layers):
-    """The named terms are what the trace shows, not fitted: the state before the step holds no gradients (the
-    estimator's `gradients`, P x 4 / W); the EMA update's extra is the policy's shards cast to bf16 (P x 2 / W);
-    generation gathers the whole EMA (P x 2, not (W - 1) / W of it); and the optimizer phase's Optstate category is
-    the state plus the foreach step's temporaries of one state tensor's size (RMSprop: 2 x the state): what
-    FSDPMemTracker reports as optimizer state is that, plus (without scale.simulate's fix) DTensor's
+def test_the_trace_shows_what_the_estimator_counts(llama3_8_layers):
+    """The estimator's terms are what the trace shows, not fitted: the state before the step holds no gradients
+    (the recipe frees them right after the optimizer step), nor does any phase before the step's first backward or
+    the checkpoint save; the EMA update's extra is the policy's shards cast to bf16 (P x 2 / W); generation gathers
+    the whole EMA (P x 2, not (W - 1) / W of it); the optimizer phase holds the gradients (P x 4 / W) and its
+    Optstate category is the state plus the foreach step's temporaries of one state tensor's size (RMSprop: 2 x the
+    state): what FSDPMemTracker reports as optimizer state is that, plus (without scale.simulate's fix) DTensor's
     global-shaped propagation tensors."""
     r, W = llama3_8_layers, 8
     est = S.estimator_phases(S.load_config(str(CONFIGS / "llama3_8b_sapo_dpo.yaml"), LLAMA3_8_LAYERS), W,
@@ -160,10 +150,37 @@ def test_named_terms_are_what_the_trace_shows(llama3_8_layers):
         return abs(a - b) <= rel * b
 
     assert close(r["state_bytes"], est["state_on_device"] - est["state"]["gradients"])
+    assert close(est["state"]["gradients"], P * 4 / W)
+    for phase in ("EMA update", "generation", "reference forward", "checkpoint save"):
+        assert r["breakdown"][phase].get("Gradient", 0) == 0, phase
+    assert close(r["breakdown"]["optimizer step"]["Gradient"], P * 4 / W)
     assert close(r["breakdown"]["EMA update"]["Activation"], P * 2 / W)
     assert r["phases"]["generation"] - r["phase_start"]["generation"] > P * 2
     assert close(r["breakdown"]["optimizer step"]["Optstate"], 2 * r["optimizer_state_bytes"])
     assert close(r["optimizer_state_bytes"], P * 4 / W)
+
+
+# other decoders at 7B widths, cut to a few layers (~15 s each): Qwen2 (biased q / k / v, untied 152k vocabulary,
+# embeddings and output in the root unit) with gradient accumulation; Llama-3.2 (tied embeddings) with LoRA on 2
+# processes
+OTHER_DECODERS = {
+    "qwen2-accum": ("mistral_7b_sapo_orpo.yaml", 4, [
+        "model._component_=torchtune.models.qwen2.qwen2", "model.vocab_size=152064", "model.num_layers=4",
+        "model.num_heads=28", "model.num_kv_heads=4", "model.embed_dim=3584", "model.intermediate_dim=18944",
+        "model.max_seq_len=32768", "custom_sharded_layers=null", "method=sapo-dpo", "max_length=1024",
+        "max_prompt_length=512", "segment_len=16", "gradient_accumulation_steps=2"]),
+    "llama3_2-tied-lora": ("llama3_8b_sapo_dpo_lora.yaml", 2, [
+        "model._component_=torchtune.models.llama3_2.lora_llama3_2", "model.vocab_size=128256", "model.num_layers=4",
+        "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=2048", "model.intermediate_dim=8192",
+        "model.max_seq_len=4096", "max_length=1024", "max_prompt_length=512", "segment_len=16",
+        "gradient_accumulation_steps=2"]),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_DECODERS)
+def test_other_decoders_match_the_estimator(name):
+    config, nproc, overrides = OTHER_DECODERS[name]
+    check_against_estimator(trace(CONFIGS / config, nproc, *overrides))
 
 
 # ----------------------------------------------------------------------------- the full configs (slow)
