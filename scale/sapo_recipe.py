@@ -107,6 +107,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from torchtune import config, modules, training, utils
@@ -204,6 +205,12 @@ def check_recipe_config(cfg: DictConfig) -> None:
     for key, default in (("dist_timeout_minutes", 60), ("step_timeout_minutes", 5)):
         if not float(cfg.get(key, default)) > 0:
             raise ConfigError(f"config: {key} must be > 0, got {cfg.get(key)}")
+    if not isinstance(cfg.get("compile_decode", False), bool):
+        raise ConfigError(f"config: compile_decode must be True or False, got {cfg.get('compile_decode')!r}")
+    backend = str(cfg.get("compile_backend", "inductor"))
+    if cfg.get("compile_decode", False) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"config: compile_backend {backend!r} is not one of torch.compile's backends "
+                          f"({', '.join(torch._dynamo.list_backends())})")
 
 
 def _model_max_seq_len(cfg_model: DictConfig) -> int:
@@ -441,26 +448,57 @@ def sync_free_kv_cache(model, **kw):
 DONE_CHECK_EVERY = 16   # decoding steps between the checks whether every row on every process has stopped
 
 
+def compiled_decode_step(model, backend: str = "inductor"):
+    """The model's one-token decoding step under torch.compile, for torchtune_generate's decode_step: static shapes
+    (rows, one token, a fixed cache_len), and on CUDA with inductor CUDA graphs ("reduce-overhead"): a step is then
+    a few graph launches instead of a few hundred kernel launches from Python. An unsharded model is one graph
+    (fullgraph: the sync-free KV cache update and the grouped-query attention above trace without a break); a
+    sharded one breaks at each FSDP unit's hooks (no-ops while gather_generator_weights holds the weights), one
+    graph per layer. A call that fails to compile falls back to the eager model for the rest of the run, with one
+    warning."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    compiled = torch.compile(model, backend=backend, mode=mode, fullgraph=not sharded, dynamic=False)
+    state = {"eager": False}
+
+    def step(*args, **kwargs):
+        if not state["eager"]:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001  (dynamo / inductor errors have no common base class)
+                state["eager"] = True
+                log.warning(f"compile_decode: the decoding step did not compile ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); decoding eagerly")
+        return model(*args, **kwargs)
+    return step
+
+
 @torch.no_grad()
 def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[int], pad_id: int, stop_ids,
                        sampling: dict, seeds: list[int], n_steps: int | None = None, cache_dtype=torch.float32,
-                       device=None) -> list[list[int]]:
+                       device=None, decode_step=None, cache_len: int | None = None) -> list[list[int]]:
     """sapo.generate_segments on a torchtune decoder: continue each context by up to max_new_tokens[i] tokens,
     one batched KV-cached decode over left-padded contexts. sampling: sapo.segment_sampling(...) or sapo_utils.evaluation.GREEDY;
     row i's noise comes from seeds[i]. n_steps (>= every max_new_tokens; default their max) must be the same on
     every process of a sharded model; decoding stops early only when every row on every process is done.
-    device: where the model computes (with CPU offload its parameters live in CPU RAM: pass the GPU)."""
+    device: where the model computes (with CPU offload its parameters live in CPU RAM: pass the GPU).
+    decode_step: what runs each one-token step (default: the model), e.g. compiled_decode_step(model); cache_len:
+    the KV cache's length (default: the longest context plus n_steps), fixed so that a compiled step sees the same
+    shapes at every call."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n_steps = n_steps or max(max_new_tokens)
     greedy = not sampling.get("do_sample") or sampling.get("top_k") == 1
     B, L = len(contexts), max(len(c) for c in contexts)
+    cache_len = max(cache_len or 0, L + n_steps)
+    decode_step = decode_step or model
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     real = torch.ones((B, L + n_steps), dtype=torch.bool)
     for i, c in enumerate(contexts):               # left padding: every row's next token is at position L
         tokens[i, L - len(c):] = torch.tensor(c)
         real[i, : L - len(c)] = False
     tokens, real = tokens.to(device), real.to(device)
-    mask = get_causal_mask_from_padding_mask(real, target_seq_len=L + n_steps)   # (B, L+n, L+n), pads unseen
+    mask = get_causal_mask_from_padding_mask(real, target_seq_len=cache_len)     # (B, L+n, cache), pads unseen
     pos = get_position_ids_from_padding_mask(real)                               # (B, L+n), each row from 0
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     stop = torch.tensor(sorted(stop_ids), device=device)
@@ -471,7 +509,7 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
     last[:, -1] = True
     was_training = model.training
     model.eval()
-    with sync_free_kv_cache(model, batch_size=B, device=device, dtype=cache_dtype, decoder_max_seq_len=L + n_steps):
+    with sync_free_kv_cache(model, batch_size=B, device=device, dtype=cache_dtype, decoder_max_seq_len=cache_len):
         with selected_positions(model, last):
             logits = model(tokens, input_pos=pos[:, :L], mask=mask[:, :L])          # (B, V): prefill
         for k in range(n_steps):
@@ -490,7 +528,7 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
                 break
             if (k + 1) % DONE_CHECK_EVERY == 0 and all_processes(bool(done.all()), device):
                 break
-            logits = model(out[:, k, None], input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1]
+            logits = decode_step(out[:, k, None], input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1]
     model.train(was_training)
     segments = []
     for row, n in zip(out.cpu().tolist(), max_new_tokens):    # each row up to its first stop token or its limit
@@ -844,6 +882,16 @@ class SAPORecipe(FTRecipeInterface):
                                        self.stop_ids, self.sampling, batch_size=micro_per_call * self.global_batch,
                                        generate=self._generate_across_processes())
 
+    def _decode_options(self, model) -> dict:
+        """compile_decode: the decoding step compiled once per generator model (compiled_decode_step, with the
+        config's compile_backend), the KV cache max_length long at every call so that its shapes never change."""
+        if not self.cfg.get("compile_decode", False):
+            return {}
+        steps = self.__dict__.setdefault("_decode_steps", {})
+        if id(model) not in steps:
+            steps[id(model)] = compiled_decode_step(model, str(self.cfg.get("compile_backend", "inductor")))
+        return {"decode_step": steps[id(model)], "cache_len": int(self.cfg.max_length)}
+
     def _generate_across_processes(self):
         """sapo.make_negatives' `generate` on W processes, called with whole micro-batches of B*W rows: process r
         decodes rows r*B .. r*B+B-1 of each (torchtune_generate, each row's noise seeded by row_seed from its
@@ -858,7 +906,8 @@ class SAPORecipe(FTRecipeInterface):
             seeds = [row_seed(self.seed, self.step, done[0] + i // per_micro, i % per_micro) for i in mine]
             done[0] += n_micro
             segments = torchtune_generate(model, [contexts[i] for i in mine], [max_new_tokens[i] for i in mine],
-                                          pad_id, stop_ids, sampling, seeds, n_steps, cache_dtype, self.device)
+                                          pad_id, stop_ids, sampling, seeds, n_steps, cache_dtype, self.device,
+                                          **self._decode_options(model))
             if self.world_size == 1:
                 return segments
             padded = torch.full((len(mine), n_steps), -1, dtype=torch.long, device=self.device)
@@ -982,6 +1031,8 @@ class SAPORecipe(FTRecipeInterface):
         # during the next EMA update, generation and reference forward (scale/memory.py counts them only from
         # the first backward to the optimizer step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":
+            release_host_memory()
         self.scheduler.step()
         self.step += 1
         metrics.update({"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,

@@ -317,6 +317,38 @@ def test_sampling_is_seeded_per_row(tiny_dir, tmp_path):
     assert both[1] == alone[0] and alone[0] != other[0]
 
 
+def test_compiled_decode_step_matches_eager(tiny_dir, tmp_path, caplog):
+    """compile_decode: the one-token step under torch.compile with fullgraph (the sync-free KV cache update and the
+    grouped attention trace without a break; aot_eager here, inductor / CUDA graphs on a GPU) writes the same
+    sampled tokens as the eager loop, and with a fixed cache_len a second call with other contexts reuses the
+    graph. A backend that fails falls back to the eager step, with one warning, and the same tokens."""
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    tok = tiny_tokenizer(tiny_dir)
+    texts = [["Tea is brewed", "The water cycle moves water between"], ["Rain falls", "A cat sat on the mat and"]]
+    calls = [[tok.encode(t, add_eos=False) for t in pair] for pair in texts]
+    kw = dict(pad_id=tok.pad_id, stop_ids=tok.stop_tokens, sampling=sapo.segment_sampling(0.7, 50, 0.95),
+              seeds=[3, 4])
+    eager = [R.torchtune_generate(tt_model, c, [12, 12], **kw) for c in calls]
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    step = R.compiled_decode_step(tt_model, counting)
+    assert [R.torchtune_generate(tt_model, c, [12, 12], decode_step=step, cache_len=64, **kw) for c in calls] == eager
+    assert 1 <= len(graphs) <= 2, len(graphs)      # one graph (a second at most, for the cache position's first use)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here (injected)")
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING"):
+        fallback = R.compiled_decode_step(tt_model, broken)
+        assert [R.torchtune_generate(tt_model, c, [12, 12], decode_step=fallback, cache_len=64, **kw)
+                for c in calls] == eager
+    assert sum("did not compile" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_sampling_filters_match_transformers():
     """The kept set of temperature + top-k + top-p (sapo_fast.TopKTopPSampler.kept, which the recipe's race and
     sapo.py's default sampler share) is transformers' (TopKLogitsWarper, TopPLogitsWarper), and the recipe's
@@ -440,6 +472,18 @@ def test_one_process_matches_two_processes(dpo_runs, tmp_path, tiny_dir):
     tune_run(CONFIGS / "tiny_cpu.yaml", 1, model_dir=tiny_dir, output_dir=tmp_path / "one", top_k=1, batch_size=4,
              save_every_n_steps=0)
     for x, y in zip(metrics(recipe / "metrics.jsonl"), metrics(tmp_path / "one" / "metrics.jsonl"), strict=True):
+        for k in COMPARED:
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+
+
+def test_compiled_decode_in_a_sharded_run(dpo_runs, tmp_path, tiny_dir):
+    """compile_decode on 2 sharded processes (the EMA's weights gathered for the call): the step compiles without
+    falling back and the run computes what the eager one does."""
+    recipe, _ = dpo_runs
+    log = tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp_path / "compiled", top_k=1,
+                   compile_decode=True, compile_backend="aot_eager", max_steps=2, save_every_n_steps=0)
+    assert "did not compile" not in log, log[-3000:]
+    for x, y in zip(metrics(recipe / "metrics.jsonl")[:2], metrics(tmp_path / "compiled" / "metrics.jsonl"), strict=True):
         for k in COMPARED:
             assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
 
