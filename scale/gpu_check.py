@@ -20,6 +20,8 @@ The parts, each within its share of --budget-s (an unused share goes to the next
            calls that read a tensor's value on the host (host_read_counter). The recipe checks
            whether every row has stopped every DONE_CHECK_EVERY (16) steps and reads nothing else: PASS at most
            1 / DONE_CHECK_EVERY per step. No row stops early (the stop id is -1), so every call decodes all steps.
+           Then the same calls through compile_decode's step (scale.sapo_recipe.compiled_decode_step: inductor,
+           CUDA graphs), timed the same way after compiling: its ms per step beside the eager one's (INFO).
   fsdp     the recipe's own model building (SAPORecipe._build: meta device, scale/fsdp.py's sharding plan with
            FSDP2's bf16 MixedPrecisionPolicy, activation checkpointing, load_full_model_state_dict) on a
            one-process NCCL group from scale.fsdp.init_distributed, on 2 layers of the 1 B shapes with the 128k
@@ -85,7 +87,7 @@ class Plan:
     workdir: str = ""
     parts: tuple = ("decode", "fsdp", "recipe")
     budget_s: float = 480.0
-    shares: dict = field(default_factory=lambda: {"decode": 0.2, "fsdp": 0.1, "recipe": 0.7})
+    shares: dict = field(default_factory=lambda: {"decode": 0.3, "fsdp": 0.1, "recipe": 0.6})
     # decode
     decode_model: dict = field(default_factory=lambda: dict(EIGHT_B))
     decode_vocab: int = LLAMA3_VOCAB
@@ -93,6 +95,7 @@ class Plan:
     prompt_len: int = 512
     new_tokens: tuple = (16, 64)
     repeats: int = 3
+    compile_backend: str = "inductor"   # the recipe's compile_decode step, timed beside the eager one ("": skip)
     # fsdp
     fsdp_model: dict = field(default_factory=lambda: {**ONE_B, "num_layers": 2})
     fsdp_vocab: int = LLAMA3_VOCAB
@@ -114,7 +117,7 @@ class Plan:
         return cls(device="cpu", decode_model=dict(tiny.TINY_MODEL), decode_vocab=tiny.TINY_VOCAB, decode_rows=2,
                    prompt_len=24, new_tokens=(16, 48), repeats=1, fsdp_model=dict(tiny.TINY_MODEL),
                    fsdp_vocab=tiny.TINY_VOCAB, recipe_model=dict(tiny.TINY_MODEL), recipe_vocab=tiny.TINY_VOCAB,
-                   initializer_range=0.1, batch_size=2, **kw)
+                   initializer_range=0.1, batch_size=2, compile_backend="aot_eager", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,6 +458,32 @@ def decode_part(plan: Plan, rep: Report, seconds: float) -> None:
                     f"median call: {med[n1] * 1e3:.0f} ms for {n1} tokens, {med[n2] * 1e3:.0f} ms for {n2} "
                     f"(prompts <= {plan.prompt_len})", seconds=time.perf_counter() - t0)
             rep.add(part, "decoded tokens per second", INFO, round(B / ms * 1e3, 1) if ms > 0 else None, f"{B} rows")
+
+            if plan.compile_backend:     # compile_decode: the same calls through the compiled step
+                step = R.compiled_decode_step(model, plan.compile_backend)
+
+                def timed_compiled(n):
+                    synchronize(device)
+                    t = time.perf_counter()
+                    with autocast(device):
+                        out = R.torchtune_generate(model, contexts, [n] * B, 0, [-1], sampling, seeds, n,
+                                                   torch.bfloat16, device, decode_step=step,
+                                                   cache_len=plan.prompt_len + n2)
+                    synchronize(device)
+                    return time.perf_counter() - t, out
+                tc = time.perf_counter()
+                same = [timed_compiled(n)[1] for n in (n1, n2)]                  # compiles (CUDA graphs recorded)
+                compile_s = time.perf_counter() - tc
+                ctimes = {n: [timed_compiled(n)[0] for _ in range(plan.repeats)] for n in (n1, n2)}
+                cmed = {n: statistics.median(v) for n, v in ctimes.items()}
+                ms_c = (cmed[n2] - cmed[n1]) / (n2 - n1) * 1e3
+                d.update(compiled_ms_per_step=ms_c, compile_s=compile_s)
+                rep.add(part, "ms per decoding step, compiled", INFO, round(ms_c, 2),
+                        f"compile_decode, backend {plan.compile_backend}",
+                        f"eager {ms:.2f} ms: x{ms / ms_c:.2f}; compiling took {compile_s:.0f} s" if ms_c > 0 else "")
+                agree = sum(a == b for n, x in zip((n1, n2), same) for a, b in zip(x, generate(n)))
+                rep.add(part, "compiled step's tokens = eager's", INFO, agree, f"of {2 * B} rows",
+                        "bf16 kernels may differ in the last bit and flip a sampled token")
 
             every = R.DONE_CHECK_EVERY
             due = (sync_checks_due(n2, every) - sync_checks_due(n1, every)) / (n2 - n1)

@@ -344,6 +344,28 @@ def render(e: dict, worst: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def load_config(path: str, overrides: list[str]):
+    """The recipe's YAML with key=value overrides, as `tune run` merges them."""
+    from omegaconf import OmegaConf
+    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+
+
+def cli_config(path: str, nproc: int, overrides: list[str]):
+    """load_config for a command line: None, after one line on stderr, for a missing file, nproc < 1 or a
+    malformed override (the commands then exit 2)."""
+    if not Path(path).exists():
+        print(f"error: --config: {path} does not exist", file=sys.stderr)
+        return None
+    if nproc < 1:
+        print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return None
+    try:
+        return load_config(path, overrides)
+    except Exception as e:  # noqa: BLE001  (a malformed key=value)
+        print(f"error: overrides: {e}".splitlines()[0], file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scale.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="a scale/configs/*.yaml")
@@ -360,17 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, as on tune run")
     a = ap.parse_args(argv)
-    from omegaconf import OmegaConf
-    if not Path(a.config).exists():
-        print(f"error: --config: {a.config} does not exist", file=sys.stderr)
-        return 2
-    if a.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
-        return 2
-    try:
-        cfg = OmegaConf.merge(OmegaConf.load(a.config), OmegaConf.from_dotlist(a.overrides))
-    except Exception as e:  # noqa: BLE001  (a malformed key=value)
-        print(f"error: overrides: {e}".splitlines()[0], file=sys.stderr)
+    cfg = cli_config(a.config, a.nproc, a.overrides)
+    if cfg is None:
         return 2
     kw = dict(seq_len=a.seq_len, response_len=a.response_len, runtime_gib=a.runtime_gib)
     if a.largest_batch is not None:

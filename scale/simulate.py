@@ -92,7 +92,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GIB = 2 ** 30
+from scale.memory import GIB, cli_config, load_config  # noqa: E402
 PHASES = ("EMA update", "generation", "reference forward", "policy forward + backward", "optimizer step",
           "checkpoint save")
 # scale/memory.py's name of each phase's own term (None: it has none)
@@ -388,11 +388,6 @@ class Phases:
 # The trace
 # ---------------------------------------------------------------------------------------------------
 
-def load_config(path: str, overrides: list[str]):
-    from omegaconf import OmegaConf
-    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-
-
 def _nbytes(obj) -> int:
     """Bytes of the tensors in a (nested) state dict; a DTensor counts its local shard."""
     total = 0
@@ -607,16 +602,8 @@ def main(argv=None) -> int:
     if not a.config:
         print("error: --config is required (or --report-from)", file=sys.stderr)
         return 2
-    if not Path(a.config).exists():
-        print(f"error: --config: {a.config} does not exist", file=sys.stderr)
-        return 2
-    if a.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(a.config, a.overrides)
-    except Exception as e:  # noqa: BLE001  (a malformed key=value)
-        print(f"error: overrides: {e}".splitlines()[0], file=sys.stderr)
+    cfg = cli_config(a.config, a.nproc, a.overrides)
+    if cfg is None:
         return 2
     from scale.sapo_recipe import ConfigError, check_recipe_config
     try:

@@ -255,6 +255,10 @@ def test_cpu_smoke(tmp_path):
                 ("recipe", "resumed step 3 = uninterrupted")]:
         assert status.get(key) == "PASS", (key, status)
     assert status[("decode", "CUDA syncs per decoding step")] == "SKIP"
+    # compile_decode's step (aot_eager on CPU) timed beside the eager one, writing the same tokens
+    assert "compiled_ms_per_step" in r["details"]["decode"]
+    agree = [c for c in r["checks"] if c["check"] == "compiled step's tokens = eager's"]
+    assert agree and agree[0]["value"] == 2 * 2, agree
     assert r["details"]["decode"]["host_reads_per_step"] == pytest.approx(1 / 16)
     assert r["details"]["recipe"]["resume_gaps"]["loss"] == 0.0          # CPU: exact
     assert "device=cpu" in r["details"]["recipe"]["command"]

@@ -71,13 +71,23 @@ def test_tiny_trace_has_every_phase(tiny):
     assert "two rows per tuple" in text
 
 
-def test_tiny_cli_json_and_exit_status(capsys, monkeypatch):
-    """--json: stdout is one JSON document (the recipe's own log lines go to stderr); an exception inside the
-    recipe's code during the trace: exit status 1 and the traceback on stderr."""
+def test_tiny_cli_json_and_exit_status(capsys, monkeypatch, tmp_path):
+    """--json: stdout is one JSON document (the recipe's own log lines go to stderr), which --report-from reads
+    back; an exception inside the recipe's code during the trace: exit status 1 and the traceback on stderr."""
     assert S.main(["--config", str(CONFIGS / "tiny_cpu.yaml"), "--nproc", "2", "--json", "max_length=256",
                    "max_prompt_length=128"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["table"]) == set(S.PHASES) and out["packed"]   # 2 x 256 - 32 = 480 <= 512: packed rows
+    # --report-from: the saved trace (its overrides included) against the estimator again, without tracing
+    saved = tmp_path / "trace.json"
+    saved.write_text(json.dumps(out))
+    assert S.main(["--report-from", str(saved), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["table"] == out["table"] and again["overrides"] == ["max_length=256", "max_prompt_length=128"]
+    (tmp_path / "bad.json").write_text('{"phases": {}}')
+    assert S.main(["--report-from", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a trace saved by --json" in err
 
     from scale import sapo_recipe as R
 
@@ -181,6 +191,20 @@ OTHER_DECODERS = {
 def test_other_decoders_match_the_estimator(name):
     config, nproc, overrides = OTHER_DECODERS[name]
     check_against_estimator(trace(CONFIGS / config, nproc, *overrides))
+
+
+# each variant of the config that scale/memory.py models differently, on Qwen2's shapes (4 layers, 4 processes)
+VARIANTS = [["fsdp_mixed_precision=False"], ["dtype=bf16"], ["dtype=fp32", "optimizer._component_=torch.optim.AdamW"],
+            ["enable_activation_checkpointing=False"], ["shared_prefix=False"], ["gather_generator_weights=False"],
+            ["fsdp_reshard_after_forward=False"], ["method=sapo-orpo", "gradient_accumulation_steps=2"],
+            ["gradient_accumulation_steps=4", "generate_rows_per_call=16"]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0].split("=")[0] + "=" + v[0].split("=")[1][:12])
+def test_config_variants_match_the_estimator(variant):
+    _, _, qwen2 = OTHER_DECODERS["qwen2-accum"]
+    base = [o for o in qwen2 if not o.startswith(("method=", "gradient_accumulation_steps="))]
+    check_against_estimator(trace(CONFIGS / "llama3_8b_sapo_dpo.yaml", 4, *base, *variant))
 
 
 # ----------------------------------------------------------------------------- the full configs (slow)
