@@ -180,13 +180,11 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     resident = on_device_state - grads
 
     # -- working memory ------------------------------------------------------------------------------------
-    gb = 2 if fsdp_mp else (fb if lora else wb)                            # a gathered weight's bytes
     # FSDP2 units: each layer, custom_sharded_layers, the root. The root's own parameters (the embeddings and the
     # output layer unless custom_sharded_layers names them) stay gathered from the forward's start to the backward's
     # end; a layer only while it runs, the next one prefetched (the policy's every layer from its forward to its
     # backward with fsdp_reshard_after_forward: False); a separately sharded output layer at the loss.
     own_units = set(cfg.get("custom_sharded_layers") or [])
-
     root = s.P_embed * ("tok_embeddings" not in own_units) + s.P_out * (not s.tied and "output" not in own_units)
 
     def gathered(b, layers=2):                                             # b: a gathered weight's bytes
@@ -250,8 +248,9 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     # no grad: one layer's tensors at a time (the boolean mask; SDPA's bias lives only inside attention); then the
     # output layer, gathered, a chunk at a time, the layers resharded. Micro-batches after the first find the
     # gradients of the ones before.
-    ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix
-                 + max(gathered(fb) + tokens * layer_no_grad, gathered(fb, 0) + output_unit(fb) + logits_ref)) if dpo else 0.0
+    ref_layers = gathered(fb) + tokens * layer_no_grad
+    ref_output = gathered(fb, layers=0) + output_unit(fb) + logits_ref
+    ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix + max(ref_layers, ref_output)) if dpo else 0.0
     # the EMA update casts every policy shard to the EMA's dtype at once (scale.fsdp.local_ema_update); the
     # reference refresh copies in place
     ema_phase = s.P * fb / W if (not lora and wb != fb) else 0.0
