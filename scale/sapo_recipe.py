@@ -453,8 +453,8 @@ def compiled_decode_step(model, backend: str = "inductor"):
     (rows, one token, a fixed cache_len), and on CUDA with inductor CUDA graphs ("reduce-overhead"): a step is then
     a few graph launches instead of a few hundred kernel launches from Python. An unsharded model is one graph
     (fullgraph: the sync-free KV cache update and the grouped-query attention above trace without a break); a
-    sharded one breaks at each FSDP unit's hooks (no-ops while gather_generator_weights holds the weights), one
-    graph per layer. A call that fails to compile falls back to the eager model for the rest of the run, with one
+    sharded one breaks at each FSDP unit's hooks (no-ops while gather_generator_weights holds the weights) into
+    several graphs. A call that fails to compile falls back to the eager model for the rest of the run, with one
     warning."""
     on_cuda = next(model.parameters()).device.type == "cuda"
     mode = "reduce-overhead" if on_cuda and backend == "inductor" else None

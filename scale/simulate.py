@@ -95,7 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scale.memory import GIB, cli_config, load_config  # noqa: E402
 PHASES = ("EMA update", "generation", "reference forward", "policy forward + backward", "optimizer step",
           "checkpoint save")
-# scale/memory.py's name of each phase's own term (None: it has none)
+# scale/memory.py's name of each phase's own term
 ESTIMATOR_PHASE = {"EMA update": "EMA update", "generation": "generation", "reference forward": "reference forward",
                    "policy forward + backward": "policy forward + backward", "optimizer step": "optimizer step",
                    "checkpoint save": "checkpoint"}
@@ -539,8 +539,8 @@ def _trace_step(recipe, cfg, examples, tok, vocab_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 def estimator_phases(cfg, nproc: int, seq_len: int, response_len: int, packed: bool = True) -> dict:
-    """scale/memory.py's per-process figure for each traced phase, bytes: the sharded state on the device plus the
-    phase's own term (none for the EMA update; process 0's gathered state dicts for the checkpoint save). No host
+    """scale/memory.py's per-process figure for each traced phase, bytes: the resident state on the device plus the
+    phase's own term (process 0's gathered state dicts for the checkpoint save). No host
     baseline (the trace counts tensors only). packed: the row layout the recipe chose (False: it fell back to
     two rows per tuple, which the estimator models as shared_prefix: False)."""
     from omegaconf import OmegaConf
@@ -550,7 +550,7 @@ def estimator_phases(cfg, nproc: int, seq_len: int, response_len: int, packed: b
     e = estimate(cfg, nproc, seq_len=seq_len, response_len=response_len, runtime_gib=0.0)
     out = {}
     for phase, term in ESTIMATOR_PHASE.items():
-        extra = e["checkpoint_host_process0"] if term == "checkpoint" else (e["phases"].get(term, 0.0) if term else 0.0)
+        extra = e["checkpoint_host_process0"] if term == "checkpoint" else e["phases"].get(term, 0.0)
         out[phase] = e["resident_on_device"] + extra
     return {"phases": out, "estimate": e}
 
