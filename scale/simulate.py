@@ -614,6 +614,13 @@ def main(argv=None) -> int:
     except ConfigError as e:     # the recipe's own one-line errors for a bad config, exit status 2 as it has
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.get("fsdp_cpu_offload", False) and a.nproc > 1:
+        # the trace runs on CPU, where the recipe refuses to offload (there is nowhere to offload to): trace the
+        # same config without it, and say what differs on a GPU
+        print("note: fsdp_cpu_offload: traced without it; on a GPU the resident state in the table lives in host "
+              "RAM instead, the rest of each phase is the same (python -m scale.memory shows both)", file=sys.stderr)
+        a.overrides = [*a.overrides, "fsdp_cpu_offload=False"]
+        cfg = load_config(a.config, a.overrides)
     try:
         r = simulate(cfg, a.nproc, a.prompt_len)
     except Exception:  # noqa: BLE001  (anything the recipe's code raises under the trace: report it, exit 1)

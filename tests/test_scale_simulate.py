@@ -99,6 +99,16 @@ def test_tiny_cli_json_and_exit_status(capsys, monkeypatch, tmp_path):
     assert "shape mismatch (injected)" in err and "Traceback" in err and "the trace failed" in err
 
 
+def test_offload_config_is_traced_without_offload(capsys):
+    """fsdp_cpu_offload (CUDA only in the recipe) traces as the same config without it, with a note that says so;
+    --json records the override, so --report-from compares like with like."""
+    assert S.main(["--config", str(CONFIGS / "tiny_cpu.yaml"), "--nproc", "2", "--json", "device=cuda",
+                   "fsdp_cpu_offload=True"]) == 0
+    captured = capsys.readouterr()
+    assert "note: fsdp_cpu_offload: traced without it" in captured.err
+    assert json.loads(captured.out)["overrides"][-1] == "fsdp_cpu_offload=False"
+
+
 # the LoRA config's model section and dtype on the tiny shapes (as tests/test_scale.py's tiny LoRA run)
 TINY_LORA = ["model._component_=torchtune.models.llama3.lora_llama3", "model.lora_attn_modules=[q_proj,v_proj,output_proj]",
              "model.apply_lora_to_mlp=True", "model.apply_lora_to_output=False", "model.lora_rank=8",
