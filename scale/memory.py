@@ -53,7 +53,7 @@ Each term is what scale/simulate.py's trace of the recipe's step shows alive at 
                   the GPU: CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB with several processes (an allowance; --runtime-gib).
   checkpoint save process 0 gathers each model's full state dict in turn, then the full optimizer state, into host
                   memory: max(P x trained dtype, P x optimizer bytes); LoRA: the base with the adapters merged in
-                  place. A phase of the RSS peak on CPU runs; on CUDA host RAM besides the GPU (printed, not in the
+                  place, one delta B @ A (the largest adapted weight's size) at a time. A phase of the RSS peak on CPU runs; on CUDA host RAM besides the GPU (printed, not in the
                   GPU peak).
 The peak is the resident state plus the largest phase (on CPU, the checkpoint save among them) plus the runtime.
 
@@ -96,6 +96,7 @@ class Shapes:
     P_embed: int = 0   # the token embeddings (V x D)
     tied: bool = False  # the output layer is the embeddings' weight (TiedLinear)
     lora_mlp: bool = False  # LoRA adapters on the MLP's projections
+    lora_largest: int = 0   # the largest weight with an adapter (merging it makes a delta of its size)
 
 
 def model_shapes(cfg_model) -> Shapes:
@@ -116,9 +117,11 @@ def model_shapes(cfg_model) -> Shapes:
     w1 = getattr(layer.mlp, "w1", None)
     F = w1.weight.shape[0] if w1 is not None and hasattr(w1, "weight") else 4 * D
     lora_mlp = any("lora" in n for n, _ in layer.mlp.named_parameters())
+    lora_largest = max((mod.weight.numel() for mod in m.modules() if hasattr(mod, "lora_a")), default=0)
     return Shapes(P=P, P_layer=P_layer, P_out=P_out or m.tok_embeddings.weight.numel(), L=len(m.layers), D=D, F=F,
                   kv=attn.num_kv_heads * attn.head_dim, V=m.tok_embeddings.num_embeddings, adapters=adapters,
-                  P_embed=m.tok_embeddings.weight.numel(), tied=not P_out, lora_mlp=lora_mlp)
+                  P_embed=m.tok_embeddings.weight.numel(), tied=not P_out, lora_mlp=lora_mlp,
+                  lora_largest=lora_largest)
 
 
 def optimizer_state_bytes(cfg_opt, param_bytes: int) -> float:
@@ -277,7 +280,8 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     # process 0 writing a checkpoint: each model's full state dict in turn (gathered into host memory), then the full
     # optimizer state; host RAM on CUDA (besides the GPU), part of the RSS peak on CPU runs that save mid-training
     if lora:
-        ckpt_host = s.P * fb + s.adapters * 4 * 3      # the gathered base (the adapters merged into it in place)
+        # the gathered base, the adapters merged into it in place, each merge's delta B @ A (adapter dtype) in turn
+        ckpt_host = s.P * fb + s.adapters * 4 * 3 + s.lora_largest * (4 if mixed else wb)
     else:
         ckpt_host = max(s.P * wb, s.P * opt_b)
     if runtime_gib is None:

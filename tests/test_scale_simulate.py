@@ -182,7 +182,7 @@ def test_the_trace_shows_what_the_estimator_counts(llama3_8_layers):
 
 # other decoders at 7B widths, cut to a few layers (~15 s each): Qwen2 (biased q / k / v, untied 152k vocabulary,
 # embeddings and output in the root unit) with gradient accumulation; Llama-3.2 (tied embeddings) with LoRA on 2
-# processes
+# processes; Llama-3 with LoRA on the output layer too (merging it for the checkpoint makes a V x D delta)
 OTHER_DECODERS = {
     "qwen2-accum": ("mistral_7b_sapo_orpo.yaml", 4, [
         "model._component_=torchtune.models.qwen2.qwen2", "model.vocab_size=152064", "model.num_layers=4",
@@ -194,6 +194,11 @@ OTHER_DECODERS = {
         "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=2048", "model.intermediate_dim=8192",
         "model.max_seq_len=4096", "max_length=1024", "max_prompt_length=512", "segment_len=16",
         "gradient_accumulation_steps=2"]),
+    "llama3-lora-on-output": ("llama3_8b_sapo_dpo_lora.yaml", 2, [
+        "model._component_=torchtune.models.llama3.lora_llama3", "model.vocab_size=128256", "model.num_layers=4",
+        "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=4096", "model.intermediate_dim=14336",
+        "model.max_seq_len=8192", "model.apply_lora_to_output=True", "max_length=1024", "max_prompt_length=512",
+        "segment_len=16"]),
 }
 
 
