@@ -23,8 +23,9 @@ Each term is what scale/simulate.py's trace of the recipe's step shows alive at 
                   embeddings and output layer unless custom_sharded_layers names them) stay gathered from the
                   forward's start to the backward's end, a layer while it runs plus the prefetched next one (every
                   layer, fsdp_reshard_after_forward: False), a separately sharded output layer at the loss; bf16
-                  under FSDP mixed precision, else the stored dtype. In backward, one layer's unsharded gradients
-                  and its fp32 reduce-scatter input. Without FSDP mixed precision (`fsdp_mixed_precision: False`)
+                  under FSDP mixed precision, else the stored dtype; at the forward's start the root's all-gather
+                  buffer beside its copied-out parameters. In backward, one layer's unsharded gradients and its fp32
+                  reduce-scatter input; at its end the root's, beside every sharded gradient. Without FSDP mixed precision (`fsdp_mixed_precision: False`)
                   autocast also caches a bf16 copy of every weight a matmul reads for the length of the forward.
   activations     activation checkpointing keeps each layer's input, D x (residual dtype) per token per layer, over
                   B x (T + R) tokens (one row per tuple: x, y+ and y-'s own tokens) or B x 2T (two rows), plus the
@@ -246,14 +247,22 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         "logits at response positions (one chunk)": logits_bwd,
     }
     # the loss's peak: logits are alive with the checkpoints; the recomputed layer comes after the logits are freed
-    policy_peak = (grads_in_backward + gathered_policy + autocast_cache + checkpoints + mask
-                   + max(logits_bwd, recompute + grad_layer))
+    # The root unit's gradients (the embeddings' and output layer's) are reduce-scattered last, at the backward's
+    # end, unsharded in the gathered dtype plus the fp32 reduce-scatter input, beside every sharded gradient; by
+    # then the activations and the gathered weights are freed
+    root_grads = 0.0 if W == 1 or lora else root * (gb + 4)
+    policy_peak = autocast_cache + max(
+        grads_in_backward + gathered_policy + checkpoints + mask + max(logits_bwd, recompute + grad_layer),
+        grads + root_grads)
     # no grad: one layer's tensors at a time (the boolean mask; SDPA's bias lives only inside attention); then the
     # output layer, gathered, a chunk at a time, the layers resharded. Micro-batches after the first find the
     # gradients of the ones before.
+    # (and at the forward's start the root's all-gather buffer beside its copied-out parameters)
     ref_layers = gathered(fb) + tokens * layer_no_grad
     ref_output = gathered(fb, layers=0) + output_unit(fb) + logits_ref
-    ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix + max(ref_layers, ref_output)) if dpo else 0.0
+    ref_start = gathered(fb, layers=1) + (root * fb if W > 1 else 0.0)
+    ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix
+                 + max(ref_layers, ref_output, ref_start)) if dpo else 0.0
     # the EMA update casts every policy shard to the EMA's dtype at once (scale.fsdp.local_ema_update); the
     # reference refresh copies in place
     ema_phase = s.P * fb / W if (not lora and wb != fb) else 0.0

@@ -183,17 +183,24 @@ def test_the_trace_shows_what_the_estimator_counts(llama3_8_layers):
 # other decoders at 7B widths, cut to a few layers (~15 s each): Qwen2 (biased q / k / v, untied 152k vocabulary,
 # embeddings and output in the root unit) with gradient accumulation; Llama-3.2 (tied embeddings) with LoRA on 2
 # processes; Llama-3 with LoRA on the output layer too (merging it for the checkpoint makes a V x D delta)
+QWEN2_4_LAYERS = ["model._component_=torchtune.models.qwen2.qwen2", "model.vocab_size=152064", "model.num_layers=4",
+                  "model.num_heads=28", "model.num_kv_heads=4", "model.embed_dim=3584", "model.intermediate_dim=18944",
+                  "model.max_seq_len=32768", "custom_sharded_layers=null"]
 OTHER_DECODERS = {
-    "qwen2-accum": ("mistral_7b_sapo_orpo.yaml", 4, [
-        "model._component_=torchtune.models.qwen2.qwen2", "model.vocab_size=152064", "model.num_layers=4",
-        "model.num_heads=28", "model.num_kv_heads=4", "model.embed_dim=3584", "model.intermediate_dim=18944",
-        "model.max_seq_len=32768", "custom_sharded_layers=null", "method=sapo-dpo", "max_length=1024",
-        "max_prompt_length=512", "segment_len=16", "gradient_accumulation_steps=2"]),
+    "qwen2-accum": ("mistral_7b_sapo_orpo.yaml", 4, [*QWEN2_4_LAYERS, "method=sapo-dpo", "max_length=1024",
+                                                     "max_prompt_length=512", "segment_len=16",
+                                                     "gradient_accumulation_steps=2"]),
     "llama3_2-tied-lora": ("llama3_8b_sapo_dpo_lora.yaml", 2, [
         "model._component_=torchtune.models.llama3_2.lora_llama3_2", "model.vocab_size=128256", "model.num_layers=4",
         "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=2048", "model.intermediate_dim=8192",
         "model.max_seq_len=4096", "max_length=1024", "max_prompt_length=512", "segment_len=16",
         "gradient_accumulation_steps=2"]),
+    # small activations, where weights and their gradients make each peak: 16 processes with one prompt each, and
+    # short sequences (the root unit's gradients at the backward's end; its all-gather at the forward's start)
+    "qwen2-16-processes": ("llama3_8b_sapo_dpo.yaml", 16, [*QWEN2_4_LAYERS, "batch_size=1", "max_length=1024",
+                                                            "max_prompt_length=512", "segment_len=16"]),
+    "qwen2-short": ("llama3_8b_sapo_dpo.yaml", 2, [*QWEN2_4_LAYERS, "batch_size=2", "max_length=256",
+                                                   "max_prompt_length=128", "segment_len=64"]),
     "llama3-lora-on-output": ("llama3_8b_sapo_dpo_lora.yaml", 2, [
         "model._component_=torchtune.models.llama3.lora_llama3", "model.vocab_size=128256", "model.num_layers=4",
         "model.num_heads=32", "model.num_kv_heads=8", "model.embed_dim=4096", "model.intermediate_dim=14336",
