@@ -430,15 +430,15 @@ def decode_part(plan: Plan, rep: Report, seconds: float) -> None:
             sampling = sapo.segment_sampling(0.7, 50, 0.95)
             seeds = [R.row_seed(0, 0, 0, i) for i in range(B)]
 
-            def generate(n):
+            def generate(n, **decode):     # decode: torchtune_generate's decode_step and cache_len
                 with autocast(device):
                     return R.torchtune_generate(model, contexts, [n] * B, 0, [-1], sampling, seeds, n,
-                                                torch.bfloat16, device)
+                                                torch.bfloat16, device, **decode)
 
-            def timed(n):
+            def timed(n, **decode):
                 synchronize(device)
                 t = time.perf_counter()
-                out = generate(n)
+                out = generate(n, **decode)
                 synchronize(device)
                 return time.perf_counter() - t, out
             lengths = {n: [len(x) for x in timed(n)[1]] for n in (n1, n2)}      # warm-up
@@ -460,21 +460,12 @@ def decode_part(plan: Plan, rep: Report, seconds: float) -> None:
             rep.add(part, "decoded tokens per second", INFO, round(B / ms * 1e3, 1) if ms > 0 else None, f"{B} rows")
 
             if plan.compile_backend:     # compile_decode: the same calls through the compiled step
-                step = R.compiled_decode_step(model, plan.compile_backend)
-
-                def timed_compiled(n):
-                    synchronize(device)
-                    t = time.perf_counter()
-                    with autocast(device):
-                        out = R.torchtune_generate(model, contexts, [n] * B, 0, [-1], sampling, seeds, n,
-                                                   torch.bfloat16, device, decode_step=step,
-                                                   cache_len=plan.prompt_len + n2)
-                    synchronize(device)
-                    return time.perf_counter() - t, out
+                compiled = dict(decode_step=R.compiled_decode_step(model, plan.compile_backend),
+                                cache_len=plan.prompt_len + n2)
                 tc = time.perf_counter()
-                same = [timed_compiled(n)[1] for n in (n1, n2)]                  # compiles (CUDA graphs recorded)
+                same = [generate(n, **compiled) for n in (n1, n2)]              # compiles (CUDA graphs recorded)
                 compile_s = time.perf_counter() - tc
-                ctimes = {n: [timed_compiled(n)[0] for _ in range(plan.repeats)] for n in (n1, n2)}
+                ctimes = {n: [timed(n, **compiled)[0] for _ in range(plan.repeats)] for n in (n1, n2)}
                 cmed = {n: statistics.median(v) for n, v in ctimes.items()}
                 ms_c = (cmed[n2] - cmed[n1]) / (n2 - n1) * 1e3
                 d.update(compiled_ms_per_step=ms_c, compile_s=compile_s)

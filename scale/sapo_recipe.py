@@ -628,6 +628,7 @@ class SAPORecipe(FTRecipeInterface):
         self.train_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         self.frozen_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
         self.compute_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+        self.decode_steps = {}   # compile_decode: the compiled decoding step of each generator model
         self.lora = is_lora(cfg.model)
         self.shard = self.world_size > 1
         self.out = Path(cfg.output_dir)
@@ -887,10 +888,9 @@ class SAPORecipe(FTRecipeInterface):
         config's compile_backend), the KV cache max_length long at every call so that its shapes never change."""
         if not self.cfg.get("compile_decode", False):
             return {}
-        steps = self.__dict__.setdefault("_decode_steps", {})
-        if id(model) not in steps:
-            steps[id(model)] = compiled_decode_step(model, str(self.cfg.get("compile_backend", "inductor")))
-        return {"decode_step": steps[id(model)], "cache_len": int(self.cfg.max_length)}
+        if id(model) not in self.decode_steps:
+            self.decode_steps[id(model)] = compiled_decode_step(model, str(self.cfg.get("compile_backend", "inductor")))
+        return {"decode_step": self.decode_steps[id(model)], "cache_len": int(self.cfg.max_length)}
 
     def _generate_across_processes(self):
         """sapo.make_negatives' `generate` on W processes, called with whole micro-batches of B*W rows: process r
