@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from torchtune import modules, training
+from torchtune.modules import TiedLinear
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
 
@@ -93,11 +94,28 @@ def fsdp_kwargs(cfg: DictConfig, trainable: bool) -> dict:
     return kw
 
 
+def tied_output(model: nn.Module) -> bool:
+    """Is the output layer the token embeddings' weight (torchtune's TiedLinear: Llama-3.2, Qwen2 / Qwen2.5 up to
+    3B, Gemma, Gemma 2)? TiedLinear is no nn.Module: it reads tok_embeddings.weight when called."""
+    return isinstance(getattr(model, "output", None), TiedLinear)
+
+
+def custom_units(names, tied: bool) -> list[str]:
+    """The custom_sharded_layers the recipe applies. With a tied output layer, tok_embeddings and output stay in
+    the root unit: given a unit of its own, the embedding's weight is gathered only while the embedding runs,
+    and the output layer, which reads that weight after the last layer, would get a sharded DTensor ("aten.mm
+    got mixed torch.Tensor and DTensor"). In the root unit it is gathered from the forward's start to the
+    backward's end, when both uses run (torchtune's own configs for tied models name no custom units)."""
+    names = list(names or [])
+    return [n for n in names if n not in ("tok_embeddings", "output")] if tied else names
+
+
 def shard_model(model: nn.Module, cfg: DictConfig, trainable: bool) -> None:
-    """torchtune.training.shard_model with fsdp_kwargs: each transformer layer, then custom_sharded_layers, then the
-    root, bottom-up."""
+    """torchtune.training.shard_model with fsdp_kwargs: each transformer layer, then custom_sharded_layers (minus
+    the embeddings where the output layer is tied to them: custom_units), then the root, bottom-up."""
     kw = fsdp_kwargs(cfg, trainable)
-    match = partial(training.get_shard_conditions, names_to_match=cfg.get("custom_sharded_layers"))
+    names = custom_units(cfg.get("custom_sharded_layers"), tied_output(model))
+    match = partial(training.get_shard_conditions, names_to_match=names)
     for name, m in reversed(list(model.named_modules())):
         if match(name, m):
             fully_shard(m, **kw)

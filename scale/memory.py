@@ -142,6 +142,7 @@ def optimizer_state_bytes(cfg_opt, param_bytes: int) -> float:
 def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | None = None, batch_size: int | None = None,
              runtime_gib: float | None = None, shapes: Shapes | None = None) -> dict:
     """Per-process bytes by component and phase, and the peak. cfg: an OmegaConf config of the recipe."""
+    from scale.fsdp import custom_units
     s = shapes or model_shapes(cfg.model)
     W = nproc
     B = int(batch_size or cfg.batch_size)
@@ -188,7 +189,7 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     # output layer unless custom_sharded_layers names them) stay gathered from the forward's start to the backward's
     # end; a layer only while it runs, the next one prefetched (the policy's every layer from its forward to its
     # backward with fsdp_reshard_after_forward: False); a separately sharded output layer at the loss.
-    own_units = set(cfg.get("custom_sharded_layers") or [])
+    own_units = set(custom_units(cfg.get("custom_sharded_layers"), s.tied))   # a tied output: both in the root
     root = s.P_embed * ("tok_embeddings" not in own_units) + s.P_out * (not s.tied and "output" not in own_units)
 
     def gathered(b, layers=2):                                             # b: a gathered weight's bytes

@@ -188,8 +188,15 @@ def check_recipe_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config: dataset.columns: {str(e).removeprefix('--columns: ')}") from None
     if cfg.checkpointer.get("_component_") != "torchtune.training.FullModelHFCheckpointer":
         raise ConfigError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
-    if cfg.get("max_length") > _model_max_seq_len(cfg.model):
+    max_seq_len, window = _model_limits(cfg.model)
+    if cfg.get("max_length") > max_seq_len:
         raise ConfigError(f"config: max_length {cfg.max_length} exceeds the model's max_seq_len")
+    if window is not None and cfg.max_length > window:
+        # torchtune's Gemma2Attention applies its window by row index, not by position: rows past it would be cut
+        # where the recipe's packed rows and left-padded decoding put tokens that are in fact within it
+        raise ConfigError(f"config: max_length {cfg.max_length} exceeds {cfg.model._component_}'s sliding attention "
+                          f"window of {window} tokens (applied by row index in torchtune, which the recipe's packed "
+                          f"rows and decoding do not follow): set max_length <= {window}")
     if cfg.get("fsdp_cpu_offload", False) and torch.device(cfg.device).type != "cuda":
         raise ConfigError(f"config: fsdp_cpu_offload: True needs device: cuda (it moves sharded state from the GPU to "
                           f"CPU RAM), got device: {cfg.device}")
@@ -213,12 +220,24 @@ def check_recipe_config(cfg: DictConfig) -> None:
                           f"({', '.join(torch._dynamo.list_backends())})")
 
 
-def _model_max_seq_len(cfg_model: DictConfig) -> int:
-    """max_seq_len of the configured builder (its argument, else the builder's own default)."""
-    if "max_seq_len" in cfg_model:
-        return int(cfg_model.max_seq_len)
+def attention_window(model: nn.Module) -> int | None:
+    """The smallest sliding attention window of a model's layers (Gemma 2: 4096 tokens on every other layer); None
+    where every layer attends globally."""
+    return min((m.sliding_window_size for m in model.modules() if getattr(m, "sliding_window_size", None)), default=None)
+
+
+def _model_limits(cfg_model: DictConfig) -> tuple[int, int | None]:
+    """(max_seq_len, attention_window) of the configured builder, built on the meta device (a tenth of a second at
+    27B: no memory, no weights)."""
     with torch.device("meta"):
-        return config.instantiate(cfg_model).max_seq_len
+        model = config.instantiate(cfg_model)
+    return int(cfg_model.get("max_seq_len", model.max_seq_len)), attention_window(model)
+
+
+def packed_row_limit(model: nn.Module) -> int:
+    """The longest packed row the model takes: torchtune refuses a row longer than max_seq_len whatever its
+    positions, and a sliding window (Gemma 2) counts row indices, so a packed row must stay within it too."""
+    return min(model.max_seq_len, attention_window(model) or model.max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,6 +295,7 @@ def _unembed_at_positions(self, h):
 
 def enable_position_selection(model: nn.Module) -> None:
     model.sapo_positions = model.sapo_targets = None
+    model.sapo_row_limit = packed_row_limit(model)
     model.unembed = MethodType(_unembed_at_positions, model)
 
 
@@ -364,8 +384,9 @@ def torchtune_preference_logps(model, batch: list[dict], pad_id: int, device):
     """(sum+, sum-, n+, n-), each (B,): packed where torchtune_packing_ok passed for this model and every segment
     fits its max_seq_len, else two rows per tuple (sapo_fast.preference_logps's choice, for torchtune decoders).
     A segment's positions never pass max_length, but torchtune refuses a row longer than max_seq_len whatever
-    its positions: x + y+ + y-'s own tokens can be, when y- parts from y+ early."""
-    if getattr(model, "sapo_shared_prefix", False) and longest_segment(batch) <= model.max_seq_len:
+    its positions (and Gemma 2 windows by row index: packed_row_limit): x + y+ + y-'s own tokens can be, when y-
+    parts from y+ early."""
+    if getattr(model, "sapo_shared_prefix", False) and longest_segment(batch) <= model.sapo_row_limit:
         return packed_torchtune_logps(model, batch, pad_id, device)
     return two_row_torchtune_logps(model, batch, pad_id, device)
 

@@ -133,6 +133,8 @@ def stand_in_tokenizer_cfg(cfg, vocab_size: int) -> dict:
             ids = {name: vocab_size - len(tiny.SPECIAL_TOKENS) + i for i, name in enumerate(tiny.SPECIAL_TOKENS)}
         return {"pad_id": ids["<|finetune_right_pad_id|>"], "bos_id": ids["<|begin_of_text|>"],
                 "stop_tokens": [ids["<|end_of_text|>"], ids["<|eot_id|>"], ids["<|eom_id|>"]]}
+    if "qwen2" in component and vocab_size > 151645:   # <|endoftext|> (pad, stop), <|im_end|> (stop); no BOS
+        return {"pad_id": 151643, "bos_id": 151644, "stop_tokens": [151645, 151643]}
     # SentencePiece (Mistral): <unk> 0, <s> 1, </s> 2; torchtune's MistralTokenizer pads with 0
     return {"pad_id": 0, "bos_id": 1, "stop_tokens": [2]}
 
@@ -195,6 +197,36 @@ class StandInCheckpointer:
     def save_checkpoint(self, state: dict, epoch: int, **_) -> None:
         tensors = [t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)]
         self.saved[self.name] = sum(t.numel() * t.element_size() for t in tensors)
+
+
+def few_layers(builder: str, num_layers: int):
+    """The model of a torchtune model builder (its dotted path, e.g. torchtune.models.gemma2.gemma2_9b) with only
+    num_layers layers: the family's own widths, heads, vocabulary, tying, norms and attention. As a config's model
+    section, `{_component_: scale.simulate.few_layers, builder: ..., num_layers: 2}`, it traces a family at its real
+    widths in seconds (tests/test_scale_simulate.py). The builder's component builders (the functions of its module
+    that take num_layers) are called with num_layers replaced."""
+    import importlib
+    import inspect
+    module_name, name = builder.rsplit(".", 1)
+    fn = getattr(importlib.import_module(module_name), name)
+    home = importlib.import_module(fn.__module__)
+    originals = {k: v for k, v in vars(home).items() if inspect.isfunction(v) and v is not fn
+                 and "num_layers" in inspect.signature(v).parameters}
+    if not originals:
+        raise ValueError(f"few_layers: {builder} calls no component builder with num_layers")
+
+    def shortened(component):
+        @functools.wraps(component)
+        def call(*a, **k):
+            return component(*a, **{**k, "num_layers": int(num_layers)})
+        return call
+    try:
+        for k, v in originals.items():
+            setattr(home, k, shortened(v))
+        return fn()
+    finally:
+        for k, v in originals.items():
+            setattr(home, k, v)
 
 
 def checkpoint_shapes(cfg_model) -> dict:
@@ -467,7 +499,7 @@ def simulate(cfg, nproc: int, prompt_len: int = 32) -> dict:
             result = _trace_step(recipe, cfg, examples, tok, shapes.V)
             worst = longest_tuples(examples, 1, int(cfg.segment_len), tok, shapes.V)
             result["packed"] = bool(getattr(recipe.policy, "sapo_shared_prefix", False)) and \
-                R.longest_segment(worst) <= recipe.policy.max_seq_len
+                R.longest_segment(worst) <= R.packed_row_limit(recipe.policy)
     finally:
         dist.destroy_process_group()
         shutil.rmtree(out_dir, ignore_errors=True)     # metrics.jsonl, samples.jsonl, empty checkpoint files

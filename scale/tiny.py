@@ -94,9 +94,10 @@ def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> Path:
 
 
 def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1, model: dict | None = None,
-                     vocab_size: int = TINY_VOCAB) -> Path:
+                     vocab_size: int = TINY_VOCAB, tied: bool = False) -> Path:
     """Write the tiny model folder (see the module docstring) and return its path. model / vocab_size: other
-    shapes (MID_MODEL, MID_VOCAB) with the same tokenizer.
+    shapes (MID_MODEL, MID_VOCAB) with the same tokenizer. tied: the output layer is the embeddings' weight
+    (tie_word_embeddings, as Llama-3.2 1B / 3B; torchtune's llama3_2 builder, model_type LLAMA3_2).
 
     initializer_range 0.1 (transformers' default is 0.02) gives logits a spread of about one nat, so greedy
     decoding is far from ties and two implementations of the same model pick the same tokens."""
@@ -119,7 +120,7 @@ def make_tiny_llama3(out, seed: int = 0, initializer_range: float = 0.1, model: 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=m["embed_dim"], intermediate_size=m["intermediate_dim"],
                       num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
                       num_key_value_heads=m["num_kv_heads"], max_position_embeddings=m["max_seq_len"],
-                      rope_theta=float(m["rope_base"]), rms_norm_eps=m["norm_eps"], tie_word_embeddings=False,
+                      rope_theta=float(m["rope_base"]), rms_norm_eps=m["norm_eps"], tie_word_embeddings=tied,
                       initializer_range=initializer_range, bos_token_id=ids["<|begin_of_text|>"],
                       # Llama-3-Instruct stops on any of these; torchtune's Llama3Tokenizer.stop_tokens are the same three
                       eos_token_id=[ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],

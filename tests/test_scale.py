@@ -625,3 +625,33 @@ def test_gpu_bf16_mixed_run(tiny_dir, tmp_path):
              dtype="bf16-mixed", batch_size=4 // nproc, max_steps=3)
     m = metrics(tmp_path / "gpu" / "metrics.jsonl")
     assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m) and m[0]["loss"] == pytest.approx(math.log(2), abs=1e-2)
+
+
+# ----------------------------------------------------------------------------- tied embeddings under the shipped layout
+
+def test_tied_embeddings_train_under_the_shipped_layout(tmp_path):
+    """A model whose output layer is its embeddings' weight (tie_word_embeddings, torchtune's TiedLinear: Llama-3.2
+    1B / 3B, Qwen2.5 up to 3B, Gemma), a Llama-3.2-shaped tiny model named in no config, under the 8-GPU configs'
+    layout `custom_sharded_layers: [tok_embeddings, output]` with nothing else overridden: 2 sharded processes train
+    it and compute what one unsharded process does (the recipe keeps a tied output's embeddings in the root unit:
+    scale.fsdp.custom_units; given a unit of their own, the output layer read a sharded weight and the step failed
+    with "aten.mm got mixed torch.Tensor and DTensor"). Step 1's DPO loss is log 2, the losses move, and the saved
+    policy loads in transformers with its output tied to its trained embeddings."""
+    folder = tiny.make_tiny_llama3(tmp_path / "tied", tied=True)
+    tied = {"model._component_": "torchtune.models.llama3_2.llama3_2", "checkpointer.model_type": "LLAMA3_2",
+            "custom_sharded_layers": "[tok_embeddings,output]", "model_dir": folder, "top_k": 1, "max_steps": 2}
+    two, one = tmp_path / "two", tmp_path / "one"
+    tune_run(CONFIGS / "tiny_cpu.yaml", 2, output_dir=two, **tied)
+    tune_run(CONFIGS / "tiny_cpu.yaml", 1, output_dir=one, batch_size=4, save_every_n_steps=0, **tied)
+    a, b = metrics(two / "metrics.jsonl"), metrics(one / "metrics.jsonl")
+    assert [m["step"] for m in a] == [1, 2]
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and a[1]["loss"] != a[0]["loss"]
+    for x, y in zip(a, b, strict=True):
+        for k in COMPARED:
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(two / "policy" / "epoch_2", dtype=torch.float32)
+    start = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    emb = trained.get_input_embeddings().weight
+    assert trained.get_output_embeddings().weight.data_ptr() == emb.data_ptr()      # still tied
+    assert (emb - start.get_input_embeddings().weight).abs().max() > 0            # and trained

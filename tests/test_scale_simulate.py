@@ -229,6 +229,65 @@ def test_config_variants_match_the_estimator(variant):
     check_against_estimator(trace(CONFIGS / "llama3_8b_sapo_dpo.yaml", 4, *base, *variant))
 
 
+# ----------------------------------------------------------------------------- every torchtune text-decoder family
+
+# One model of each family torchtune 0.6.1 ships, the tied-embedding one where the family has one (llama3_2,
+# qwen2, qwen2_5, gemma, gemma2: TiedLinear), its real widths, heads, vocabulary and attention with 2 of its
+# layers (scale.simulate.few_layers), under llama3_8b_sapo_dpo.yaml's settings and layout (custom_sharded_layers
+# [tok_embeddings, output]) on 2 fake processes; max_length 512 and G = 16 so that each traces in ~10 s.
+FAMILIES = {"llama2": "llama2.llama2_7b", "llama3": "llama3.llama3_8b", "llama3_1": "llama3_1.llama3_1_8b",
+            "llama3_2": "llama3_2.llama3_2_1b", "llama3_3": "llama3_3.llama3_3_70b", "mistral": "mistral.mistral_7b",
+            "qwen2": "qwen2.qwen2_0_5b", "qwen2_5": "qwen2_5.qwen2_5_1_5b_instruct", "gemma": "gemma.gemma_2b",
+            "gemma2": "gemma2.gemma2_2b", "phi3": "phi3.phi3_mini", "phi4": "phi4.phi4_14b"}
+
+
+def few_layers(builder: str, layers: int = 2) -> list[str]:
+    return ["model._component_=scale.simulate.few_layers", f"model.builder=torchtune.models.{builder}",
+            f"model.num_layers={layers}"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_traces_under_the_shipped_layout(family):
+    """Each family's step runs under the shipped DPO config's layout (a DTensor / Tensor mix-up, e.g. a tied output
+    reading a sharded embedding, fails the trace), and every phase is within TOLERANCE of scale/memory.py."""
+    r = trace(CONFIGS / "llama3_8b_sapo_dpo.yaml", 2, *few_layers(FAMILIES[family]), "max_length=512",
+              "max_prompt_length=256", "segment_len=16")
+    assert r["packed"]
+    check_against_estimator(r)
+
+
+def test_few_layers_keeps_the_family_shapes():
+    """few_layers builds the named builder's model with fewer layers and nothing else changed: the same width,
+    heads, vocabulary and tying as the full builder."""
+    import torch
+    from torchtune.models.gemma2 import gemma2_2b
+    from torchtune.modules import TiedLinear
+    with torch.device("meta"):
+        full, short = gemma2_2b(), S.few_layers("torchtune.models.gemma2.gemma2_2b", 2)
+    assert len(short.layers) == 2 and len(full.layers) == 26
+    assert isinstance(short.output, TiedLinear) and isinstance(full.output, TiedLinear)
+    assert {k: v.shape for k, v in short.layers[0].state_dict().items()} == \
+        {k: v.shape for k, v in full.layers[0].state_dict().items()}
+    assert short.tok_embeddings.weight.shape == full.tok_embeddings.weight.shape == (256000, 2304)
+    assert short.layers[0].attn.sliding_window_size == full.layers[0].attn.sliding_window_size == 4096
+
+
+def test_a_window_shorter_than_max_length_is_refused_at_once():
+    """Gemma 2 windows attention by row index (torchtune's Gemma2Attention): a max_length beyond its 4096-token
+    window is refused by the config check, in well under a second, with one line naming max_length and the window."""
+    import time
+    from scale import sapo_recipe as R
+    cfg = S.load_config(str(CONFIGS / "llama3_8b_sapo_dpo.yaml"), ["model._component_=torchtune.models.gemma2.gemma2_27b",
+                                                                   "max_length=8192"])
+    t = time.perf_counter()
+    with pytest.raises(R.ConfigError) as e:
+        R.check_recipe_config(cfg)
+    assert time.perf_counter() - t < 1.0
+    assert "max_length 8192" in str(e.value) and "window of 4096" in str(e.value) and "\n" not in str(e.value)
+    cfg.max_length = 4096
+    R.check_recipe_config(cfg)
+
+
 # ----------------------------------------------------------------------------- the full configs (slow)
 
 FULL = [("llama3_8b_sapo_dpo.yaml", 8), ("mistral_7b_sapo_orpo.yaml", 8), ("llama3_8b_sapo_dpo_lora.yaml", 1)]
