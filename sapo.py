@@ -9,6 +9,8 @@ the (x, y+, y-) tuples go through a replay buffer, and a DPO loss (reference ref
 EMA) or an ORPO loss trains the policy on batches sampled from it. `train` numbers the steps of
 the paper's Algorithm 1. The file reads top to bottom: config, data, log-probs, losses, EMA,
 segment regeneration, replay buffer, the loss on a batch, evaluation, the loop, the command line.
+SAPO's pairs differ in one segment, and on pairs this alike DPO can lower log pi(y+) too: the
+literature's repairs are options (--rpo-alpha, --dpop-lambda, --suffix-free; docs/evidence.md).
 
 This is the plain path. sapo_fast.py holds faster equals of the heavy functions (packed rows,
 head-only logits, a faster sampler, a bf16 generator copy), used by default and proven equal by
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import sys
@@ -63,7 +66,8 @@ import torch.nn.functional as F
 import sapo_fast
 from sapo_utils import cli, evaluation
 from sapo_utils.cli import RunOptions, option
-from sapo_utils.data import BUNDLED_TRAIN, PromptStream, encode_rows, held_out_split
+from sapo_utils.data import (BUNDLED_TRAIN, Example, PromptStream, load_data,  # noqa: F401
+                             encode_example, encode_prompt, encode_response, load_examples)
 from sapo_utils.evaluation import HeldOut
 from sapo_utils.models import (BUNDLED_MODEL, disable_dropout, eval_mode, load_model,
                                load_tokenizer, pick_device, stop_token_ids)
@@ -98,6 +102,13 @@ class Config(RunOptions):
     beta: float = option(0.1, "DPO beta: strength of the tie to the reference (authors: 0.1)")
     orpo_lambda: float = option(0.05, "ORPO lambda: weight of the odds-ratio term "
                                 "(authors: 0.05)")
+    # repairs for small-edit pairs (docs/evidence.md): DPO can lower log pi(y+) with log pi(y-)
+    rpo_alpha: float = option(0.0, "DPO + alpha * NLL(y+), NLL a token mean (RPO, Pang et "
+                              "al. 2024: 1.0; TRL's rpo_alpha); 0: off")
+    dpop_lambda: float = option(0.0, "DPOP: -log s(beta*(r(y+) - r(y-) - lambda*max(0, "
+                                "log pi_ref(y+) - log pi(y+)))) (Pal et al. 2024: 50); 0: off")
+    suffix_free: bool = option(False, "Step-DPO's pair (Lai et al. 2024): y+[:t+G] vs "
+                               "y+[:t] + segment, both ending where the segment ends")
     ema_decay: float = option(0.5, "b in theta_ema <- b*theta_ema + (1-b)*theta (authors: 0.5)")
     segment_len: int = option(32, "G: tokens the EMA regenerates per negative (authors: 256)")
     buffer_capacity: int = option(2000, "replay buffer size in tuples, FIFO (authors: 2000)")
@@ -133,61 +144,9 @@ class Config(RunOptions):
 
 
 # --- 2. Data: rows -> token ids (x in the chat format, y+ ending with EOS) -----------------------
-
-@dataclass
-class Example:
-    prompt_ids: list[int]                   # x in the chat format, up to where the answer starts
-    chosen_ids: list[int]                   # y+, ending with EOS
-    rejected_ids: list[int] | None = None   # a dataset's own y- (offline DPO / ORPO)
-    row: dict | None = None                 # the dataset row, for a task's scorer
-
-
-def encode_prompt(tok, messages: list[dict]) -> list[int]:
-    """x as token ids: the model's chat template, or for base models (gpt2) a plain format,
-    'User: ...\\n\\nAssistant: ...\\n\\n' per turn, ending with 'Assistant:'."""
-    if tok.chat_template:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template already holds BOS where the model wants one
-        return tok(text, add_special_tokens=False).input_ids
-    turns = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
-    return tok("".join(turns) + "Assistant:").input_ids
-
-
-def encode_response(tok, text: str) -> list[int]:
-    """y as token ids + EOS. In the plain format a response starts with a space."""
-    if not tok.chat_template:
-        text = " " + text.lstrip()
-    return tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
-
-
-def encode_example(tok, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
-    """(x, y) as token ids: encode_prompt and encode_response."""
-    return encode_prompt(tok, prompt), encode_response(tok, response)
-
-
-def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
-                  split: str = "train", verbose: bool = True, columns: str = "",
-                  encode=encode_example, needs_rejected: str = "") -> list[Example]:
-    """The dataset's examples that fit max_length / max_prompt_length (sapo_utils.data reads,
-    validates, skips and counts). encode(tok, prompt, response) -> (x, y) is the seam for other
-    tokenizers (scale/)."""
-    def encode_with_tok(prompt, response):
-        return encode(tok, prompt, response)
-    rows = encode_rows(source, encode_with_tok, max_length, max_prompt_length, split, columns,
-                       verbose, needs_rejected)
-    return [Example(x, y_pos, y_neg, row) for x, y_pos, y_neg, row in rows]
-
-
-def load_data(cfg: Config, tok, needs_rejected: bool):
-    """(training examples, held-out examples): sapo_utils.data.held_out_split picks the
-    held-out prompts (--eval-dataset, the bundled held-out file, or --eval-size of --dataset)."""
-    def load(source, split="train", columns="", verbose=True, needs_rejected=""):
-        return load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, split,
-                             verbose, columns, needs_rejected=needs_rejected)
-    method = cfg.method if needs_rejected else ""
-    examples = load(cfg.dataset, cfg.dataset_split, cfg.columns, needs_rejected=method)
-    return held_out_split(cfg, examples, load)
-
+# sapo_utils.data reads rows into Examples (load_examples; load_data adds the held-out split):
+# x = the chat template up to the assistant header, y+ = the answer and EOS (encode_example); a
+# base model without a template gets 'User: ...\n\nAssistant:'. Here: the batch layout.
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-pad (prompt, response) pairs. loss_mask marks response tokens: the prompt and the
@@ -253,17 +212,25 @@ def preference_logps(model, batch: list[dict], pad_id: int, device, logps_at=ful
 
 # --- 4. Losses: pure functions of per-sequence log-probs -----------------------------------------
 
-def dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, beta: float):
+def dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, beta: float, dpop_lambda: float = 0.0):
     """DPO (Rafailov et al. 2023) on *summed* log-probs; returns (loss, r+, r-).
 
         r(y)  = beta * (log pi(y|x) - log pi_ref(y|x))        the implicit reward
         loss  = -log sigmoid(r(y+) - r(y-)),  averaged over the batch
 
     With sums, the shared prefix y+[:t] of a SAPO negative cancels exactly in
-    log pi(y+) - log pi(y-): the loss sees the segment and the re-conditioned suffix."""
+    log pi(y+) - log pi(y-): the loss sees the segment and the re-conditioned suffix.
+    Nothing in it keeps log pi(y+) up: on pairs this alike, both can fall while the
+    margin grows (Pal et al. 2024). DPOP (same paper) takes a penalty off the margin,
+
+        loss  = -log sigmoid(r(y+) - r(y-) - beta * lambda * max(0, log pi_ref(y+) - log pi(y+)))
+
+    which acts only once the policy's y+ has fallen below the reference's."""
     rewards_pos = beta * (pi_pos - ref_pos)
     rewards_neg = beta * (pi_neg - ref_neg)
-    loss = -F.logsigmoid(rewards_pos - rewards_neg).mean()
+    fallen = (ref_pos - pi_pos).clamp(min=0)      # 0 while log pi(y+) >= log pi_ref(y+)
+    margin = rewards_pos - rewards_neg - beta * dpop_lambda * fallen
+    loss = -F.logsigmoid(margin).mean()
     return loss, rewards_pos.detach(), rewards_neg.detach()
 
 
@@ -289,6 +256,36 @@ def orpo_loss(avg_pos, avg_neg, nll_pos, lam: float):
     log_odds = (avg_pos - avg_neg) - (log1mexp(avg_pos) - log1mexp(avg_neg))
     loss = nll_pos - lam * F.logsigmoid(log_odds).mean()
     return loss, log_odds.detach(), lam * avg_pos.detach(), lam * avg_neg.detach()
+
+
+def preference_loss(loss_kind: str, pi_pos, pi_neg, n_pos, n_neg, ref_pos=None, ref_neg=None,
+                    *, beta: float, orpo_lambda: float, rpo_alpha: float = 0.0,
+                    dpop_lambda: float = 0.0, nll=None):
+    """The loss ('dpo' | 'orpo') of a batch from its log-prob sums and token counts (each
+    (B,)), and its metrics. nll: NLL(y+) as a token mean, the NLL term of ORPO and of
+    RPO (Pang et al. 2024):  loss = DPO + rpo_alpha * NLL(y+).  None: over this batch
+    (scale/ passes the mean over every process's batch)."""
+    if nll is None:
+        nll = -pi_pos.sum() / n_pos.sum()
+    extra = {}
+    if loss_kind == "dpo":
+        loss, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, beta, dpop_lambda)
+        if rpo_alpha:
+            loss = loss + rpo_alpha * nll
+            extra["nll_loss"] = nll.item()
+    else:
+        loss, log_odds, r_pos, r_neg = orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll,
+                                                 orpo_lambda)
+        extra = {"nll_loss": nll.item(),
+                 "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
+                 "log_odds_chosen": log_odds.mean().item()}
+    return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+
+
+def loss_weights(cfg) -> dict:
+    """preference_loss's weights, from a Config."""
+    return {"beta": cfg.beta, "orpo_lambda": cfg.orpo_lambda, "rpo_alpha": cfg.rpo_alpha,
+            "dpop_lambda": cfg.dpop_lambda}
 
 
 # --- 5. The EMA generator ---------------------------------------------------------------------
@@ -331,24 +328,35 @@ def preference_tuple(x, y_pos, y_neg, t=0, segment_len=None) -> PreferenceTuple:
                            segment_len=segment_len, times_sampled=0)
 
 
+TAIL = 3   # a segment ends at least TAIL tokens before y+ does (the authors' code; unexplained)
+
+
 def truncation_point(len_pos: int, len_prompt: int, segment_len: int, max_length: int,
                      rng: random.Random):
-    """(t, G) for one y+: G = min(segment_len, |y+|) and t ~ U{0 .. min(|y+| - 3 - G, room)};
-    t = 0 when that bound is <= 0 (short responses are regenerated whole, as in SPIN).
-    room keeps |x| + t + G <= max_length."""
+    """(t, G) for one y+: G = min(segment_len, |y+|), t ~ U{0 .. min(|y+| - TAIL - G, room)},
+    where room keeps |x| + t + G <= max_length. In the authors' layout y+ ends with the chat
+    template's trailer and EOS, which TAIL keeps out of the segment. When the bound is <= 0,
+    t = 0: y+ is rewritten whole if |y+| <= G (as in SPIN); if G < |y+| <= G + TAIL, its
+    first G tokens are, before a suffix of 1 to TAIL tokens."""
     G = min(segment_len, len_pos)
-    hi = min(len_pos - 3 - G, max_length - len_prompt - G)
-    t = rng.randint(0, hi) if hi > 0 else 0
+    hi = min(len_pos - TAIL - G, max_length - len_prompt - G)
+    t = 0
+    if hi > 0:
+        t = rng.randint(0, hi)
     return t, G
 
 
-def splice_negative(y_pos: list[int], t: int, G: int, segment: list[int], stop_ids):
+def splice_negative(y_pos: list[int], t: int, G: int, segment: list[int], stop_ids,
+                    suffix_free: bool = False):
     """y- = y+[:t] + segment + y+[t+G:], or y+[:t] + segment up to its first stop token (no
-    suffix). Returns (y-, the number of segment tokens kept)."""
+    suffix). Returns (y-, the number of segment tokens kept). suffix_free (Step-DPO's
+    form): no suffix ever; the caller then cuts y+ at t+G as well."""
     for i, token in enumerate(segment[:G]):
         if token in stop_ids:
             return y_pos[:t] + segment[: i + 1], i + 1
     segment = segment[:G]
+    if suffix_free:
+        return y_pos[:t] + segment, len(segment)
     return y_pos[:t] + segment + y_pos[t + G:], len(segment)
 
 
@@ -378,10 +386,11 @@ def generate_segments(model, contexts: list[list[int]], max_new_tokens: list[int
 
 def make_negatives(generator, examples: list[Example], segment_len: int, max_length: int,
                    rng: random.Random, pad_id: int, stop_ids, sampling: dict,
-                   batch_size: int | None = None,
-                   generate=generate_segments) -> list[PreferenceTuple]:
+                   batch_size: int | None = None, generate=generate_segments,
+                   suffix_free: bool = False) -> list[PreferenceTuple]:
     """SAPO's self-augmented negatives: pick t, let the generator write G tokens after
-    x + y+[:t], splice. batch_size rows per generate call (default: all)."""
+    x + y+[:t], splice. batch_size rows per generate call (default: all). suffix_free:
+    the pair is y+[:t+G] against y+[:t] + segment, one step on a shared prefix."""
     tuples, per_call = [], batch_size or max(1, len(examples))
     for start in range(0, len(examples), per_call):
         chunk = examples[start: start + per_call]
@@ -391,8 +400,9 @@ def make_negatives(generator, examples: list[Example], segment_len: int, max_len
         lengths = [G for _, G in cuts]
         segments = generate(generator, contexts, lengths, pad_id, stop_ids, sampling)
         for e, (t, G), segment in zip(chunk, cuts, segments):
-            y_neg, kept = splice_negative(e.chosen_ids, t, G, segment, stop_ids)
-            tuples.append(preference_tuple(e.prompt_ids, e.chosen_ids, y_neg, t, kept))
+            y_neg, kept = splice_negative(e.chosen_ids, t, G, segment, stop_ids, suffix_free)
+            y_pos = e.chosen_ids[: t + G] if suffix_free else e.chosen_ids
+            tuples.append(preference_tuple(e.prompt_ids, y_pos, y_neg, t, kept))
     return tuples
 
 
@@ -432,6 +442,18 @@ class ReplayBuffer:
         self.items = deque(state["items"], maxlen=self.capacity)
 
 
+def replay(tuples: list[PreferenceTuple], buffer: ReplayBuffer | None, n: int,
+           rng: random.Random) -> list[PreferenceTuple]:
+    """Steps (4)-(5): push the fresh tuples, sample n for the loss. Without a buffer (an
+    ablation; the offline methods) the fresh tuples are the loss batch."""
+    if buffer is None:
+        return tuples
+    buffer.push(tuples)
+    if not len(buffer):       # every negative so far was skipped as identical to y+
+        return []
+    return buffer.sample(n, rng)
+
+
 # --- 8. The loss on a sampled batch --------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -460,35 +482,54 @@ def autocast(cfg: Config, device):
 
 
 def batch_loss(loss_kind: str, cfg: Config, policy, ref_model, batch: list[dict], pad_id: int,
-               device, ops: Ops | None = None):
-    """The loss ('dpo' | 'orpo' | 'sft') on a batch of (x, y+, y-) tuples, and its metrics."""
-    ops = ops or ops_for(cfg, device)
+               device, ops: Ops):
+    """The loss ('dpo' | 'orpo' | 'sft') on a batch of (x, y+, y-) tuples, and its metrics.
+    ops: Ops() for this file's plain functions, or ops_for(cfg, device)."""
     if loss_kind == "sft":                     # NLL of y+ only, token mean
         pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch]
         logps, counts = ops.sequence_logps(policy, **collate(pairs, pad_id, device))
         loss = -logps.sum() / counts.sum()
         return loss, {"loss": loss.item(), "logps/chosen": logps.detach().mean().item()}
     pi_pos, pi_neg, n_pos, n_neg = ops.preference_logps(policy, batch, pad_id, device)
+    ref_pos = ref_neg = None
     if loss_kind == "dpo":
         with torch.no_grad():
             ref_pos, ref_neg, _, _ = ops.preference_logps(ref_model, batch, pad_id, device)
-        loss, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
-        extra = {}
-    else:
-        nll = -pi_pos.sum() / n_pos.sum()
-        loss, log_odds, r_pos, r_neg = orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll,
-                                                 cfg.orpo_lambda)
-        extra = {"nll_loss": nll.item(),
-                 "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
-                 "log_odds_chosen": log_odds.mean().item()}
-    return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+    return preference_loss(loss_kind, pi_pos, pi_neg, n_pos, n_neg, ref_pos, ref_neg,
+                           **loss_weights(cfg))
 
 
 # --- 9. Evaluation on held-out prompts -----------------------------------------------------------
 
 @torch.no_grad()
+def region_logps(model, tuples: list[dict], segment_len: int, pad_id: int, device,
+                 logps_at=full_logps_at) -> dict:
+    """Where the likelihood moves (docs/evidence.md): log pi summed over y+'s prefix y+[:t],
+    span y+[t:t+G] and suffix y+[t+G:], and over y-'s span (its own segment) and suffix,
+    each (B,). The prefix is shared: it is the same in y+ and y-."""
+    B = len(tuples)
+    pairs = [(b["prompt_ids"], b["chosen_ids"]) for b in tuples]
+    pairs += [(b["prompt_ids"], b["rejected_ids"]) for b in tuples]
+    batch = collate(pairs, pad_id, device)
+    target_mask, targets, rows = response_targets(batch["input_ids"], batch["loss_mask"])
+    at = F.pad(target_mask, (0, 1), value=False)
+    logps = logps_at(model, batch["input_ids"], batch["attention_mask"], at, targets)  # (N,)
+    index = (target_mask.cumsum(-1) - 1)[target_mask]      # (N,) each token's place in y
+    t = torch.tensor([b["t"] for b in tuples] * 2, device=logps.device)
+    G_pos = [min(segment_len, len(b["chosen_ids"])) for b in tuples]   # y+'s span
+    G = torch.tensor(G_pos + [b["segment_len"] for b in tuples], device=logps.device)
+    region = (index >= t[rows]).long() + (index >= (t + G)[rows]).long()  # 0, 1, 2
+    sums = torch.zeros(2 * B, 3, device=logps.device)
+    sums.index_put_((rows, region), logps.float(), accumulate=True)
+    sums = sums.cpu()
+    return {"chosen_prefix": sums[:B, 0], "chosen_span": sums[:B, 1],
+            "chosen_suffix": sums[:B, 2], "rejected_span": sums[B:, 1],
+            "rejected_suffix": sums[B:, 2]}
+
+
+@torch.no_grad()
 def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, start=None,
-             batch_size: int = 8, logps_fn=preference_logps) -> dict:
+             batch_size: int = 8, logps_fn=preference_logps, segment_len: int = 0) -> dict:
     """Held-out measures against fixed negatives, written once by the starting model pi_0:
       eval/rewards/*   DPO's implicit reward against pi_0, r(y) = beta*(log pi(y) - log pi_0(y)):
                        chosen, rejected, margins = r(y+) - r(y-), accuracies = share with
@@ -496,10 +537,17 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
                        not whether answers got better (a task's scorer measures that).
       eval/logps_*_per_token, eval/preference_accuracy (per-token log-prob of y+ above y-'s),
       eval/log_odds_chosen (ORPO's log odds ratio of y+ over y-).
+      eval/logps/{chosen,rejected}_{prefix,span,suffix}: region_logps, means over prompts
+                       (with segment_len G > 0).
     start: pi_0's (sum+, sum-) lists, None when the policy is pi_0. per_prompt: the values."""
+    chunks = [eval_tuples[i: i + batch_size] for i in range(0, len(eval_tuples), batch_size)]
+    regions = {}
     with eval_mode(policy):
-        parts = [logps_fn(policy, eval_tuples[i: i + batch_size], pad_id, device)
-                 for i in range(0, len(eval_tuples), batch_size)]
+        parts = [logps_fn(policy, chunk, pad_id, device) for chunk in chunks]
+        if segment_len:
+            region_parts = [region_logps(policy, c, segment_len, pad_id, device)
+                            for c in chunks]
+            regions = {k: torch.cat([r[k] for r in region_parts]) for k in region_parts[0]}
     pi_pos, pi_neg, n_pos, n_neg = (torch.cat(p).float().cpu() for p in zip(*parts))
     start = start or (pi_pos.tolist(), pi_neg.tolist())
     avg_pos, avg_neg = pi_pos / n_pos, pi_neg / n_neg
@@ -507,20 +555,22 @@ def evaluate(policy, eval_tuples: list[dict], pad_id: int, device, beta: float, 
     _, r_pos, r_neg = dpo_loss(pi_pos, pi_neg, torch.tensor(start[0]), torch.tensor(start[1]),
                                beta)
     _, log_odds, _, _ = orpo_loss(avg_pos, avg_neg, 0.0, 1.0)
-    return held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds)
+    return held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds, regions)
 
 
 def held_out(cfg: Config, tok, policy, examples: list[Example], task, ops: Ops,
-             negatives: dict) -> HeldOut:
+             segment_args: dict) -> HeldOut:
     """The held-out prompts' evaluation. Their negatives are written once, by the starting
-    model with their own seed, so every evaluation compares the same tuples."""
+    model with their own seed, so every evaluation compares the same tuples. They keep
+    y+'s suffix whatever the run trains on, so region_logps measures every region."""
     tuples = []
     if cfg.eval_logps and examples:
         with autocast(cfg, policy.device):
             rng = random.Random(cfg.seed + 1)
-            tuples = make_negatives(policy, examples, rng=rng, **negatives)
-    return HeldOut(cfg, tok, examples, tuples, task, negatives["stop_ids"], ops, policy.device,
-                   lambda: autocast(cfg, policy.device), evaluate)
+            tuples = make_negatives(policy, examples, rng=rng, **segment_args)
+    measures = functools.partial(evaluate, segment_len=segment_args["segment_len"])
+    return HeldOut(cfg, tok, examples, tuples, task, segment_args["stop_ids"], ops,
+                   policy.device, lambda: autocast(cfg, policy.device), measures)
 
 
 # --- 10. The training loop -----------------------------------------------------------------------
@@ -580,7 +630,7 @@ def build_models(cfg: Config, recipe: Recipe, device):
     return policy, ema, ref, dropout_rates
 
 
-def negative_settings(cfg: Config, recipe: Recipe, tok, policy, ops: Ops) -> dict:
+def segment_settings(cfg: Config, recipe: Recipe, tok, policy, ops: Ops) -> dict:
     """make_negatives' arguments. Whole-response negatives: G = max_length, so t = 0."""
     G = cfg.max_length if recipe.whole_response else cfg.segment_len
     sampling = segment_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
@@ -609,12 +659,12 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
         run.say("loading the model")
         policy, ema, ref, dropout_rates = build_models(cfg, recipe, device)
         models = {"policy": policy, "ema": ema, "ref": ref}
-        negatives = negative_settings(cfg, recipe, tok, policy, ops)
+        segment_args = segment_settings(cfg, recipe, tok, policy, ops)
         ref_every, spin_every = reference_period(cfg, len(examples)), spin_period(cfg, recipe)
         optimizer, scheduler = optimization(cfg, policy.parameters())
         buffer = ReplayBuffer(cfg.buffer_capacity, cfg.buffer_sampling)
         run.say("writing the held-out negatives")
-        heldout = held_out(cfg, tok, policy, eval_examples, task, ops, negatives)
+        heldout = held_out(cfg, tok, policy, eval_examples, task, ops, segment_args)
         # the loop's state: what a checkpoint holds besides weights, optimizer and RNG
         loop = {"step": 0, "before": None, "spin_negatives": [], "skipped": 0,
                 "stream": PromptStream(len(examples), cfg.seed), "buffer": buffer}
@@ -626,7 +676,8 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
             if spin_every and step % spin_every == 0:   # a SPIN iteration: all y-, whole
                 copy_weights(ref, policy)
                 loop["spin_negatives"] = make_negatives(ref, examples, rng=rng,
-                                                        batch_size=cfg.batch_size, **negatives)
+                                                        batch_size=cfg.batch_size,
+                                                        **segment_args)
             # (1) EMA update, before this step's gradient update
             if ema is not None:
                 ema_update(ema, policy, cfg.ema_decay)
@@ -636,11 +687,12 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             # (3) truncate y+ at t, the EMA writes G tokens, splice -> (x, y+, y-): one generate
             #     call for all of the step's micro-batches
-            indices = [i for _ in range(cfg.grad_accum) for i in loop["stream"].next(cfg.batch_size)]
+            indices = loop["stream"].next(cfg.batch_size * cfg.grad_accum)
             fresh = [examples[i] for i in indices]
             with run.timing("generation"), autocast(cfg, device):
                 if recipe.negatives in ("ema", "policy"):
-                    fresh_tuples = make_negatives(ema or policy, fresh, rng=rng, **negatives)
+                    fresh_tuples = make_negatives(ema or policy, fresh, rng=rng,
+                                                  suffix_free=cfg.suffix_free, **segment_args)
                 elif spin_every:                       # SPIN's frozen negatives
                     fresh_tuples = [loop["spin_negatives"][i] for i in indices]
                 else:                                   # the dataset's own
@@ -651,10 +703,8 @@ def train(cfg: Config, task=None, on_step=None) -> dict:
                 if cfg.skip_identical_negatives:
                     tuples = [t for t, same in zip(tuples, identical(tuples)) if not same]
                 # (4) push into the replay buffer; (5) sample the loss batch from it
-                batch = tuples
-                if recipe.use_buffer:
-                    buffer.push(tuples)
-                    batch = buffer.sample(cfg.batch_size, rng) if len(buffer) else []
+                in_use = buffer if recipe.use_buffer else None
+                batch = replay(tuples, in_use, cfg.batch_size, rng)
                 if not batch:                           # every negative was skipped
                     continue
                 # (6) the loss on the sampled batch: DPO against pi_ref, or ORPO; backward

@@ -117,7 +117,8 @@ def bf16_numerics(args, policy, ref, batch, pad_id, device) -> dict:
             for h in heads:
                 stack.enter_context(h)
             with sapo.autocast(cfg, device):
-                _, m = sapo.batch_loss("dpo", cfg, policy, ref, batch[:nb], pad_id, device)
+                _, m = sapo.batch_loss("dpo", cfg, policy, ref, batch[:nb], pad_id, device,
+                                     sapo.ops_for(cfg, device))
         out[mode] = {"loss": m["loss"], "logps": [m["logps/chosen"], m["logps/rejected"]],
                      "margin": m["rewards/margins"]}
     ref32 = out["fp32"]

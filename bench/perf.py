@@ -463,7 +463,7 @@ def activation_bytes(cfg, policy, ref, batch, pad_id, device) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sapo.autocast(cfg, device):
-        loss, _ = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device)
+        loss, _ = sapo.batch_loss("dpo", cfg, policy, ref, batch, pad_id, device, sapo.ops_for(cfg, device))
     del loss
     return sum(seen.values())
 

@@ -148,6 +148,15 @@ def check_config(cfg) -> None:
         raise UserError(f"--max-grad-norm must be >= 0 (0: no clipping), got {cfg.max_grad_norm}")
     if cfg.save_steps < -1:
         raise UserError(f"--save-steps must be >= -1 (-1: never), got {cfg.save_steps}")
+    if cfg.rpo_alpha < 0 or cfg.dpop_lambda < 0:
+        raise UserError(f"--rpo-alpha and --dpop-lambda must be >= 0, got {cfg.rpo_alpha}, "
+                        f"{cfg.dpop_lambda}")
+    if (cfg.rpo_alpha or cfg.dpop_lambda) and cfg.method not in ("sapo-dpo", "dpo", "spin"):
+        raise UserError(f"--rpo-alpha and --dpop-lambda change the DPO loss (sapo-dpo, dpo, spin); "
+                        f"--method {cfg.method} does not use it")
+    if cfg.suffix_free and (cfg.method not in ("sapo-dpo", "sapo-orpo") or cfg.whole_response):
+        raise UserError(f"--suffix-free cuts SAPO's segment negatives (sapo-dpo, sapo-orpo, without "
+                        f"--whole-response); --method {cfg.method} has none")
     for name in ("warmup_steps", "eval_steps", "task_eval_steps"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

@@ -1,12 +1,14 @@
 """Dataset rows: read (JSONL/JSON/parquet/CSV files, local or hub `datasets`), recognise the row format, validate,
 and return (prompt messages, chosen text, rejected text or None); every bad row is a one-line error naming the
-file, line and field; tokenised examples that fit the length limits (encode_rows), the held-out split, and the
-order prompts are drawn in (PromptStream)."""
+file, line and field; the chat format that turns a row into token ids (encode_example); tokenised examples that
+fit the length limits (encode_rows, load_examples -> Example), the held-out split (load_data), and the order
+prompts are drawn in (PromptStream). sapo.py imports these; nothing here imports sapo.py."""
 from __future__ import annotations
 
 import codecs
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from sapo_utils.errors import UserError
@@ -15,6 +17,31 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 BUNDLED_TRAIN = REPO_DIR / "data" / "ifeval_lite_train.jsonl"
 BUNDLED_HELDOUT = REPO_DIR / "data" / "ifeval_lite_heldout.jsonl"
 
+
+
+# ----------------------------------------------------------------------------- the chat format: rows -> token ids
+
+def encode_prompt(tok, messages: list[dict]) -> list[int]:
+    """x as token ids: the model's chat template, or for base models (gpt2) a plain format,
+    'User: ...\\n\\nAssistant: ...\\n\\n' per turn, ending with 'Assistant:'."""
+    if tok.chat_template:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # the template already holds BOS where the model wants one
+        return tok(text, add_special_tokens=False).input_ids
+    turns = [f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages]
+    return tok("".join(turns) + "Assistant:").input_ids
+
+
+def encode_response(tok, text: str) -> list[int]:
+    """y as token ids + EOS. In the plain format a response starts with a space."""
+    if not tok.chat_template:
+        text = " " + text.lstrip()
+    return tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def encode_example(tok, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(x, y) as token ids: encode_prompt and encode_response."""
+    return encode_prompt(tok, prompt), encode_response(tok, response)
 
 
 # The row formats, recognised by their fields (present and not null), in order of precedence: the first whose
@@ -353,3 +380,37 @@ class PromptStream:
 
     def load_state_dict(self, state: list[int]) -> None:
         self.epoch, self.pos = state
+
+
+# ----------------------------------------------------------------------------- examples: what sapo.py trains on
+
+@dataclass
+class Example:
+    prompt_ids: list[int]                   # x in the chat format, up to where the answer starts
+    chosen_ids: list[int]                   # y+, ending with EOS
+    rejected_ids: list[int] | None = None   # a dataset's own y- (offline DPO / ORPO)
+    row: dict | None = None                 # the dataset row, for a task's scorer
+
+
+def load_examples(source: str, tok, max_length: int, max_prompt_length: int,
+                  split: str = "train", verbose: bool = True, columns: str = "",
+                  encode=encode_example, needs_rejected: str = "") -> list[Example]:
+    """The dataset's examples that fit max_length / max_prompt_length (sapo_utils.data reads,
+    validates, skips and counts). encode(tok, prompt, response) -> (x, y) is the seam for other
+    tokenizers (scale/)."""
+    def encode_with_tok(prompt, response):
+        return encode(tok, prompt, response)
+    rows = encode_rows(source, encode_with_tok, max_length, max_prompt_length, split, columns,
+                       verbose, needs_rejected)
+    return [Example(x, y_pos, y_neg, row) for x, y_pos, y_neg, row in rows]
+
+
+def load_data(cfg, tok, needs_rejected: bool):
+    """(training examples, held-out examples): sapo_utils.data.held_out_split picks the
+    held-out prompts (--eval-dataset, the bundled held-out file, or --eval-size of --dataset)."""
+    def load(source, split="train", columns="", verbose=True, needs_rejected=""):
+        return load_examples(source, tok, cfg.max_length, cfg.max_prompt_length, split,
+                             verbose, columns, needs_rejected=needs_rejected)
+    method = cfg.method if needs_rejected else ""
+    examples = load(cfg.dataset, cfg.dataset_split, cfg.columns, needs_rejected=method)
+    return held_out_split(cfg, examples, load)

@@ -33,10 +33,13 @@ def preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra=None) -> dict:
             **(extra or {})}
 
 
-def held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds) -> dict:
+def held_out_metrics(pi_pos, pi_neg, avg_pos, avg_neg, r_pos, r_neg, log_odds, regions=None) -> dict:
     """sapo.evaluate's measures as eval/* numbers (means over the held-out prompts), and the per-prompt values
-    under "per_prompt": summed (pi_*) and per-token (avg_*) log-probs of y+ and y-, rewards, log odds."""
-    return {"eval/rewards/chosen": r_pos.mean().item(),
+    under "per_prompt": summed (pi_*) and per-token (avg_*) log-probs of y+ and y-, rewards, log odds.
+    regions: sapo.region_logps' sums, each (B,), reported as eval/logps/<region> means."""
+    by_region = {f"eval/logps/{k}": v.mean().item() for k, v in (regions or {}).items()}
+    return {**by_region,
+            "eval/rewards/chosen": r_pos.mean().item(),
             "eval/rewards/rejected": r_neg.mean().item(),
             "eval/rewards/margins": (r_pos - r_neg).mean().item(),
             "eval/rewards/accuracies": (r_pos > r_neg).float().mean().item(),

@@ -55,7 +55,8 @@ def test_step1_dpo_loss_is_log2_in_train_mode(arch, chat, arch_dirs):
     batch = hand_tuples(model.config.vocab_size, tok.eos_token_id)
     cfg = sapo.Config(beta=0.1)
     for _ in range(2):   # twice: a dropout mask drawn anew would show up as a different loss
-        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, tok.pad_token_id, "cpu")
+        loss, m = sapo.batch_loss("dpo", cfg, policy, ref, batch, tok.pad_token_id, "cpu",
+                                 sapo.ops_for(cfg, "cpu"))
         assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
         assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
         loss.backward()      # and it is differentiable through whichever path was chosen

@@ -356,7 +356,7 @@ def test_orpo_nll_masks_prompt_and_padding(tiny_llama_dir):
              {"prompt_ids": r(2), "chosen_ids": y2, "rejected_ids": y2[:5] + r(2)}]
     cfg = sapo.Config(orpo_lambda=0.05)
     with torch.no_grad():
-        loss, m = sapo.batch_loss("orpo", cfg, model, None, batch, pad, "cpu")
+        loss, m = sapo.batch_loss("orpo", cfg, model, None, batch, pad, "cpu", sapo.ops_for(cfg, "cpu"))
 
     def sums(x, y):   # one unpadded row, full logits, log_softmax, response tokens by hand
         lp = torch.log_softmax(model(input_ids=torch.tensor([x + y])).logits[0].double(), -1)

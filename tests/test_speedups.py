@@ -52,7 +52,8 @@ def test_fast_path_equals_plain_path(arch, chat, arch_dirs):
         results = []
         for cfg in (PLAIN, FAST):
             policy.zero_grad(set_to_none=True)
-            loss, metrics = sapo.batch_loss(kind, cfg, policy, ref, batch, tok.pad_token_id, "cpu")
+            loss, metrics = sapo.batch_loss(kind, cfg, policy, ref, batch, tok.pad_token_id, "cpu",
+                                           sapo.ops_for(cfg, "cpu"))
             loss.backward()
             grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
             results.append((loss.item(), metrics, grads))
@@ -177,7 +178,8 @@ def test_checks_leave_the_model_untouched(arch, arch_dirs):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert not hasattr(model, "_sapo_head_only") and not hasattr(model, "_sapo_packing")
     batch = hand_tuples(model.config.vocab_size, tok.eos_token_id)
-    loss, _ = sapo.batch_loss("orpo", FAST, model, None, batch, tok.pad_token_id, "cpu")
+    loss, _ = sapo.batch_loss("orpo", FAST, model, None, batch, tok.pad_token_id, "cpu",
+                           sapo.ops_for(FAST, "cpu"))
     assert hasattr(model, "_sapo_head_only") and hasattr(model, "_sapo_packing")    # the checks ran
     held.backward(retain_graph=True)
     loss.backward()
