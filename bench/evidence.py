@@ -103,6 +103,18 @@ def greedy_answers(model, tok, rows: list[dict], max_new_tokens: int, batch_size
     return answers
 
 
+def mean_regions(model, pairs: list[dict], segment_len: int, pad_id: int, batch_size: int = 100) -> dict:
+    """sapo.region_logps on fixed held-out pairs, each region's sum averaged over the pairs: where the likelihood
+    of y+ (prefix, span, suffix) and of y- (span, suffix) sits."""
+    import sapo
+    import torch
+    from sapo_utils.models import eval_mode
+    with eval_mode(model):
+        parts = [sapo.region_logps(model, pairs[i: i + batch_size], segment_len, pad_id, "cpu")
+                 for i in range(0, len(pairs), batch_size)]
+    return {k: float(torch.cat([p[k] for p in parts]).mean()) for k in parts[0]}
+
+
 def scored(model, tok, rows, max_new_tokens) -> dict:
     answers = greedy_answers(model, tok, rows, max_new_tokens)
     per = ar.per_problem(answers, rows)
@@ -146,6 +158,7 @@ def run_one(spec: dict) -> dict:
             return tuples
         sapo.make_negatives = make_negatives
     eval_s = 0.0
+    pairs = json.loads(Path(spec["region_pairs"]).read_text()) if spec.get("region_pairs") else None
 
     def on_step(step, policy, metrics):
         nonlocal eval_s
@@ -153,7 +166,10 @@ def run_one(spec: dict) -> dict:
             identical.append(metrics["negatives/identical"])
         if step % spec["curve_every"] == 0 or step == spec["steps"]:
             t0 = time.perf_counter()
-            curve.append({"step": step, **scored(policy, tok, heldout, spec["max_new_tokens"])["scores"]})
+            point = {"step": step, **scored(policy, tok, heldout, spec["max_new_tokens"])["scores"]}
+            if pairs:
+                point["regions"] = mean_regions(policy, pairs, spec["segment_len"], tok.pad_token_id)
+            curve.append(point)
             eval_s += time.perf_counter() - t0
 
     summary = sapo.train(cfg, on_step=on_step)
@@ -169,6 +185,7 @@ def run_one(spec: dict) -> dict:
     last = (summary or {}).get("last", {})
     return {"name": spec["name"], "method": spec["method"], "seed": spec["seed"], "lr": spec["lr"],
             "stage": spec["stage"], "curve": [{"step": 0, **spec["start_heldout"]}] + curve,
+            "start": spec.get("start_name"),
             "test": test_result["scores"], "test_exact": test_result["exact"],
             "test_answers_head": test_result["answers"][:20],
             "identical_per_step": identical, "negatives": negatives, "train_s": round(t_train, 1),

@@ -174,3 +174,48 @@ def test_repair_flags_reach_the_loss_and_the_negatives(tiny_llama_dir, small_jso
     assert all("nll_loss" in r for r in rows if "loss" in r)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all(len(s["rejected_marked"].split("]]")[1]) == 0 for s in samples)   # nothing after y-'s span
+
+
+# ----------------------------------------------------------------------------- the second protocol's rules
+
+
+def test_sweep_extends_past_an_edge_until_the_best_is_interior():
+    """bench/repairs.py: the first grid, then one ladder step past the edge the best sits on, then none."""
+    from bench import repairs
+    P = repairs.FULL
+    scores = {"start": 0.50}
+    assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == [(1e-5, 100), (3e-5, 100), (1e-4, 100)]
+    scores.update({1e-5: {100: 0.40}, 3e-5: {100: 0.30}, 1e-4: {100: 0.10}})
+    assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == [(3e-6, 100)]        # best at the low edge
+    scores[3e-6] = {100: 0.44}
+    assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == [(1e-6, 100)]
+    scores[1e-6] = {100: 0.49}       # within 3 points of the start: the method no longer moves the model
+    assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == []
+    assert repairs.chosen_lr(P, scores) == 1e-6
+    top = {"start": 0.50, 1e-4: {100: 0.80}, 3e-4: {100: 0.85}, 1e-3: {100: 0.90}}
+    assert repairs.next_sweep_runs(P, top, "sft") == [(3e-3, 100)]                # best at the high edge
+
+
+def test_sweep_breaks_close_calls_with_more_seeds():
+    """The best two closer than 3 points: both rerun at sweep seeds 101 and 102; the mean decides, ties smaller."""
+    from bench import repairs
+    P = repairs.FULL
+    scores = {"start": 0.50, 1e-4: {100: 0.80}, 3e-4: {100: 0.82}, 1e-3: {100: 0.70}}
+    assert sorted(repairs.next_sweep_runs(P, scores, "sft")) == [(1e-4, 101), (1e-4, 102), (3e-4, 101), (3e-4, 102)]
+    scores[1e-4].update({101: 0.84, 102: 0.83})
+    scores[3e-4].update({101: 0.80, 102: 0.79})
+    assert repairs.next_sweep_runs(P, scores, "sft") == []
+    assert repairs.chosen_lr(P, scores) == 1e-4          # 0.823 over three seeds beats 0.803
+    scores[1e-4] = {100: 0.80, 101: 0.82, 102: 0.82}
+    scores[3e-4] = {100: 0.82, 101: 0.80, 102: 0.82}     # the same mean: the tie goes to the smaller lr
+    assert repairs.chosen_lr(P, scores) == 1e-4
+    scores[3e-4][101] = 0.83
+    assert repairs.chosen_lr(P, scores) == 3e-4
+
+
+def test_finished_means_the_last_evaluations_stopped_rising():
+    from bench import repairs
+    rising = [{"exact_match": v} for v in (0.3, 0.5, 0.7, 0.8, 0.85, 0.9)]
+    flat = [{"exact_match": v} for v in (0.3, 0.5, 0.9, 0.905, 0.9, 0.91)]
+    assert not repairs.finished(rising, 0.01, 3) and repairs.finished(flat, 0.01, 3)
+    assert not repairs.finished(flat[:3], 0.01, 3)      # too few points to tell
