@@ -124,13 +124,23 @@ def shard_model(model: nn.Module, cfg: DictConfig, trainable: bool) -> None:
 
 # --- Sharded models at run time -----------------------------------------------------------------------
 
-def all_processes(flag: bool, device) -> bool:
-    """True when flag is True on every process (the processes of a sharded model must run the same forwards)."""
+def all_processes(value, device, op=None):
+    """The processes' agreement on a value, in one all-reduce: a flag (bool, or a one-element bool tensor on the
+    device) is True when it is True on every process (op MIN, the default); a number (or a tensor) comes back
+    reduced with op (dist.ReduceOp.MAX, SUM). A tensor is reduced where it is and read on the host once, after the
+    all-reduce (reading it first, then the result, would be two waits on the device)."""
+    op = dist.ReduceOp.MIN if op is None else op
+    is_flag = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-    return flag
+        if isinstance(value, torch.Tensor):
+            t = value.detach().reshape(1).to(torch.int32 if is_flag else torch.float64)
+        else:
+            t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        value = t.item()
+    elif isinstance(value, torch.Tensor):
+        value = value.item()
+    return bool(value) if is_flag else float(value)
 
 
 @torch.no_grad()

@@ -186,6 +186,9 @@ def check_recipe_config(cfg: DictConfig) -> None:
         parse_columns(cfg.dataset.get("columns") or "")
     except UserError as e:   # its message names --columns, sapo.py's flag: this is the key
         raise ConfigError(f"config: dataset.columns: {str(e).removeprefix('--columns: ')}") from None
+    system_prompt = cfg.dataset.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ConfigError(f"config: dataset.system_prompt must be a string or null, got {system_prompt!r}")
     if cfg.checkpointer.get("_component_") != "torchtune.training.FullModelHFCheckpointer":
         raise ConfigError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
     max_seq_len, window = _model_limits(cfg.model)
@@ -244,19 +247,31 @@ def packed_row_limit(model: nn.Module) -> int:
 # 2. Data: sapo.py's row formats (sapo_utils.data), torchtune's tokenizers
 # ---------------------------------------------------------------------------------------------------
 
-def encode_torchtune_example(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+def encode_torchtune_example(tokenizer, prompt: list[dict], response: str,
+                             system_prompt: str | None = None) -> tuple[list[int], list[int]]:
     """(x, y) as token ids with a torchtune tokenizer: sapo.encode_example's counterpart, passed to
     sapo.load_examples (which reads rows through sapo_utils.data, so every row format and dataset.columns behave
-    as in sapo.py). x ends where the assistant's text starts (its header included, for Llama-3); y is that text
-    plus the turn's end token. tokenize_messages marks the assistant turn with mask False; Llama-3 also puts the
-    assistant header in that turn, which belongs to x."""
+    as in sapo.py). x ends where the assistant's text starts, its header included (Llama-3's
+    <|start_header_id|>assistant<|end_header_id|>, Qwen's <|im_start|>assistant); y is that text plus the turn's end
+    token. tokenize_messages marks the whole assistant turn with mask False, header included: the header is the
+    tokens the turn starts with whatever its text, i.e. those it shares with an empty turn (every torchtune
+    tokenizer; Llama-3's tokenize_message, which gives it directly, is not on Qwen's). system_prompt: a system
+    message for rows that have none (dataset.system_prompt: what a chat template adds by default, e.g. Qwen2.5's)."""
     messages = [Message(role=m["role"], content=m["content"], masked=True) for m in prompt]
-    tokens, mask = tokenizer.tokenize_messages(messages + [Message(role="assistant", content=response, masked=False)])
-    start = mask.index(False)
-    end = len(mask) - mask[::-1].index(False)      # one past the turn's last token; drops a trailing <|end_of_text|>
-    if hasattr(tokenizer, "tokenize_message"):     # Llama-3: skip the assistant header
-        start += len(tokenizer.tokenize_message(Message(role="assistant", content=""), add_end_tokens=False))
-    return tokens[:start], tokens[start:end]
+    if system_prompt and not any(m.role == "system" for m in messages):
+        messages.insert(0, Message(role="system", content=system_prompt, masked=True))
+
+    def assistant_turn(text: str) -> tuple[list[int], int, int]:
+        tokens, mask = tokenizer.tokenize_messages(messages + [Message(role="assistant", content=text, masked=False)])
+        # one past the turn's last token: drops Llama-3's trailing <|end_of_text|> (masked)
+        return tokens, mask.index(False), len(mask) - mask[::-1].index(False)
+    tokens, start, end = assistant_turn(response)
+    empty, empty_start, empty_end = assistant_turn("")
+    header = 0
+    while header < min(end - start, empty_end - empty_start) - 1 and \
+            tokens[start + header] == empty[empty_start + header]:
+        header += 1
+    return tokens[:start + header], tokens[start + header:end]
 
 
 class _Decoder:
@@ -344,9 +359,11 @@ def packed_torchtune_logps(model, batch: list[dict], pad_id: int, device):
 @torch.no_grad()
 def torchtune_packing_ok(model, device, tol: float = 1e-4, enabled: bool = True) -> bool:
     """sapo_fast.packing_ok for a torchtune decoder (which has no transformers config or base_model): may
-    packed_torchtune_logps stand in for two_row_torchtune_logps on this model? On sapo_fast.probe_batch (a y- with
-    tokens of its own, two short tuples packed into one row) the two agree to tol, and moving y-'s own positions
-    by +3 changes the packed numbers (a model that ignored input_pos would pass at random initialisation).
+    packed_torchtune_logps stand in for two_row_torchtune_logps on this model? sapo_fast's probe and its rule
+    (sapo_fast.packing_verdict): on sapo_fast.probe_batch (a y- with tokens of its own, two short tuples packed into
+    one row) the two agree to tol, and moving y-'s own positions by +3 changes the packed numbers (a model that
+    ignored input_pos would pass at random initialisation). Only the forward differs: torchtune's input_pos where
+    transformers' takes position_ids.
     Every process of a sharded model runs it at the same time and they agree (all-reduced). tol: 1e-4 in fp32;
     the recipe passes 5e-2 where bf16 computes (a kernel that ignored the mask moves y-'s log-probs by whole
     nats). The answer is kept in model.sapo_shared_prefix."""
@@ -359,12 +376,11 @@ def torchtune_packing_ok(model, device, tol: float = 1e-4, enabled: bool = True)
             layout = {k: v.to(device) for k, v in sapo_fast.shared_prefix_layout(batch, 0).items()}
             packed = _packed_forward(model, layout, len(batch))[:2]
             plain = two_row_torchtune_logps(model, batch, 0, device)[:2]
-            # row 0 holds the first probe tuple: x (3) + y+ (4) from position 0, then y-'s 3 own tokens from 7
+            # y-'s own positions moved by +3, where sapo_fast's probe moves them (sapo_fast.with_shifted_positions)
             layout["pos"] = layout["pos"].clone()
-            layout["pos"][0, 7:10] += 3
+            layout["pos"][sapo_fast.PROBE_OWN_NEGATIVE] += 3
             moved = _packed_forward(model, layout, len(batch))[:2]
-            agree = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(packed, plain))
-            ok = agree and not torch.equal(packed[1], moved[1])
+            ok = sapo_fast.packing_verdict(packed, plain, moved, tol)
         except (TypeError, ValueError, RuntimeError) as e:   # the model rejects the arguments
             log.info(f"shared-prefix layout unavailable ({type(e).__name__}: {e}); two rows per tuple")
         model.train(was_training)
@@ -547,7 +563,7 @@ def torchtune_generate(model, contexts: list[list[int]], max_new_tokens: list[in
             # each row's noise is its own, so they change none of the tokens kept
             if k + 1 == n_steps:
                 break
-            if (k + 1) % DONE_CHECK_EVERY == 0 and all_processes(bool(done.all()), device):
+            if (k + 1) % DONE_CHECK_EVERY == 0 and all_processes(done.all(), device):   # one host read
                 break
             logits = decode_step(out[:, k, None], input_pos=pos[:, L + k, None], mask=mask[:, L + k, None])[:, -1]
     model.train(was_training)
@@ -681,7 +697,9 @@ class SAPORecipe(FTRecipeInterface):
         self.stop_ids = list(self.tokenizer.stop_tokens)   # Llama-3: end_of_text, eot, eom; Mistral: </s>
         self.examples = sapo.load_examples(cfg.dataset.source, self.tokenizer, cfg.max_length, cfg.max_prompt_length,
                                            cfg.dataset.get("split", "train"), verbose=self.is_rank_zero,
-                                           columns=cfg.dataset.get("columns") or "", encode=encode_torchtune_example)
+                                           columns=cfg.dataset.get("columns") or "",
+                                           encode=functools.partial(encode_torchtune_example,
+                                                                    system_prompt=cfg.dataset.get("system_prompt")))
         utils.log_rank_zero(log, f"{len(self.examples)} examples")
         prompts_per_step = self.global_batch * self.grad_accum
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps") else math.ceil(cfg.epochs * len(self.examples) / prompts_per_step)
@@ -1088,12 +1106,8 @@ class SAPORecipe(FTRecipeInterface):
                                                     self.longest_step_s))
 
     def _agreed(self, value: float, op) -> float:
-        """value all-reduced with op (MAX, SUM) over processes."""
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
-        return t.item()
+        """value all-reduced with op (MAX, SUM) over processes: scale.fsdp.all_processes."""
+        return all_processes(float(value), self.device, op)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

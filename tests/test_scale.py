@@ -175,6 +175,55 @@ def test_sentencepiece_tokenizer_split(tmp_path):
     assert tok.decode(e.chosen_ids[:-1]).strip() == chosen and "[/INST]" in tok.decode(e.prompt_ids)
 
 
+def write_qwen_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """A tiny byte-level BPE in Qwen2's file format (vocab.json: GPT-2's byte-to-unicode alphabet, ids 0-255;
+    merges.txt: a few merges learned by scale/tiny.py's BPE); torchtune's Qwen2.5 tokenizer puts its special tokens
+    (<|endoftext|>, <|im_start|>, <|im_end|> ...) at their real ids, 151643 and up."""
+    from torchtune.models.qwen2._tokenizer import bytes_to_unicode
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    merges = []
+    for token in list(tiny.train_bpe(tiny.CORPUS, 40))[256:]:
+        text = "".join(alphabet[b] for b in token)
+        pair = next((text[:i], text[i:]) for i in range(1, len(text)) if text[:i] in vocab and text[i:] in vocab)
+        merges.append(" ".join(pair))
+        vocab[text] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def test_qwen2_5_chat_split(tmp_path):
+    """Qwen2.5's tokenizer as pinned (torchtune 0.6.1's Qwen2_5Tokenizer: no tokenize_message), on a tiny vocab.json
+    / merges.txt written here: x is the ChatML prompt up to and including the assistant header
+    (`<|im_start|>assistant\\n`), with the config's default system message where a row has none, and y+ the answer
+    plus <|im_end|>, one of the tokenizer's stop tokens. Checked against the tokenizer's own masks (x + y+ is what
+    tokenize_messages writes, the assistant turn unmasked from its header on) and against the text Qwen's chat
+    template writes, encoded."""
+    from torchtune.data import Message
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+    vocab, merges = write_qwen_tokenizer_files(tmp_path / "qwen")
+    tok = qwen2_5_tokenizer(str(vocab), str(merges))
+    assert not hasattr(tok, "tokenize_message")
+    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    prompt, answer = [{"role": "user", "content": "How is tea brewed?"}], "Pour hot water over leaves."
+    x, y = R.encode_torchtune_example(tok, prompt, answer, system_prompt=system)
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt[0]['content']}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    assert x == tok.encode(text, add_bos=False, add_eos=False)
+    assert y == tok.encode(answer, add_bos=False, add_eos=False) + [tok.im_end_id] and tok.im_end_id in tok.stop_tokens
+    tokens, mask = tok.tokenize_messages([Message("system", system, masked=True), Message("user", prompt[0]["content"], masked=True),
+                                          Message("assistant", answer, masked=False)])
+    header = tok.encode("<|im_start|>assistant\n", add_bos=False, add_eos=False)
+    assert tokens == x + y and mask == [True] * (len(x) - len(header)) + [False] * (len(header) + len(y))
+    # a row with its own system message keeps it; no system prompt configured: none is added
+    own = [{"role": "system", "content": "Be brief."}] + prompt
+    assert tok.decode(R.encode_torchtune_example(tok, own, answer, system_prompt=system)[0]).count("Be brief.") == 1
+    x_plain, y_plain = R.encode_torchtune_example(tok, prompt, answer)
+    assert x_plain == tok.encode(text[text.index("<|im_start|>user"):], add_bos=False, add_eos=False) and y_plain == y
+
+
 def test_columns_map_rows_as_in_sapo_py(tiny_dir, tmp_path):
     """dataset.columns is sapo.py's --columns: the recipe's loader reads rows through sapo_utils.data.parse_rows, so
     renamed columns give the examples the standard fields give; a bad mapping is a one-line ConfigError."""
@@ -194,16 +243,122 @@ def test_columns_map_rows_as_in_sapo_py(tiny_dir, tmp_path):
         R.check_recipe_config(cfg)
 
 
-def test_recipe_defines_no_twins():
-    """Every function or class the recipe defines has a name of its own: none shadows a name of sapo.py, sapo_fast.py
-    or sapo_utils/ (a twin with another body would drift from the core)."""
+def _core_modules():
     import importlib
     import pkgutil
     import sapo_utils
-    core = [sapo, sapo_fast] + [importlib.import_module(f"sapo_utils.{m.name}") for m in pkgutil.iter_modules(sapo_utils.__path__)]
+    return [sapo, sapo_fast] + [importlib.import_module(f"sapo_utils.{m.name}") for m in pkgutil.iter_modules(sapo_utils.__path__)]
+
+
+def _statements(fn_node) -> list[str]:
+    """A function's statements as AST dumps, docstring left out, every identifier renamed by order of first
+    appearance (a copy with renamed variables or arguments dumps the same)."""
+    import ast
+    body = list(fn_node.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    names: dict[str, str] = {}
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.copy_location(ast.Name(id=names.setdefault(node.id, f"v{len(names)}"), ctx=node.ctx), node)
+
+        def visit_arg(self, node):
+            node.arg = names.setdefault(node.arg, f"v{len(names)}")
+            return node
+    return [ast.dump(Rename().visit(ast.parse(ast.unparse(st)).body[0])) for st in body]
+
+
+def _functions(module) -> dict[str, list[str]]:
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(module))
+    return {f"{module.__name__}.{n.name}": _statements(n) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def _core_modules():
+    import importlib
+    import pkgutil
+    import sapo_utils
+    return [sapo, sapo_fast] + [importlib.import_module(f"sapo_utils.{m.name}") for m in pkgutil.iter_modules(sapo_utils.__path__)]
+
+
+def _body(fn_node) -> list:
+    """A function's statements, docstring left out."""
+    import ast
+    body = list(fn_node.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return body
+
+
+def _renamed(statements) -> tuple[str, ...]:
+    """Statements as AST dumps with every identifier renamed by order of first appearance among them: a copy
+    with renamed variables or arguments dumps the same."""
+    import ast
+    import copy
+    names: dict[str, str] = {}
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.copy_location(ast.Name(id=names.setdefault(node.id, f"v{len(names)}"), ctx=node.ctx), node)
+
+        def visit_arg(self, node):
+            node.arg = names.setdefault(node.arg, f"v{len(names)}")
+            return node
+    return tuple(ast.dump(Rename().visit(copy.deepcopy(st)), annotate_fields=False) for st in statements)
+
+
+def _functions(module) -> dict[str, list]:
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(module))
+    return {f"{module.__name__}.{n.name}": _body(n) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def _copies(ours: list, core: dict[str, tuple]) -> list[str]:
+    """The core functions whose whole body (renamed alike) is a run of consecutive statements in `ours`."""
+    found = []
+    for n in sorted({len(b) for b in core.values()}):
+        wanted = {b: name for name, b in core.items() if len(b) == n}
+        for i in range(len(ours) - n + 1):
+            if (hit := wanted.get(_renamed(ours[i:i + n]))) is not None:
+                found.append(hit)
+    return found
+
+
+def test_recipe_defines_no_twins():
+    """Every function or class the recipe defines has a name of its own: none shadows a name of sapo.py, sapo_fast.py
+    or sapo_utils/ (a twin with another body would drift from the core). And no function in scale/ holds a copy of a
+    core function's body (two statements or more, identifiers renamed alike), whole or as a run of its statements."""
+    import importlib
+    core = _core_modules()
     own = {name for name, value in vars(R).items() if getattr(value, "__module__", None) == R.__name__}
     for module in core:
         assert not own & set(vars(module)), (module.__name__, sorted(own & set(vars(module))))
+    core_bodies = {k: _renamed(v) for m in core for k, v in _functions(m).items() if len(v) >= 2}
+    for name in ("sapo_recipe", "fsdp", "simulate", "memory", "tiny", "gpu_check", "host_memory"):
+        for ours, statements in _functions(importlib.import_module(f"scale.{name}")).items():
+            assert not _copies(statements, core_bodies), f"{ours} repeats the body of {_copies(statements, core_bodies)}"
+
+
+def test_twin_check_finds_a_renamed_copy():
+    """The body check above catches a copy whose names differ: sapo_fast.packing_verdict's body, renamed, whole and
+    as two statements among others in a longer function."""
+    import ast
+    core = {"sapo_fast.packing_verdict": _renamed(_functions(sapo_fast)["sapo_fast.packing_verdict"])}
+    copy = ast.parse('def verdict(p, q, m, t=1e-4):\n    "doc"\n'
+                     "    ok = all(torch.allclose(a.float(), b.float(), atol=t, rtol=t) for a, b in zip(p, q))\n"
+                     "    return ok and not torch.equal(p[1], m[1])\n").body[0]
+    inside = ast.parse("def probe(model, x, y, moved, tol):\n    z = model(x)\n"
+                       "    agree = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(x, y))\n"
+                       "    return agree and not torch.equal(x[1], moved[1])\n").body[0]
+    assert _copies(_body(copy), core) == _copies(_body(inside), core) == ["sapo_fast.packing_verdict"]
+    assert _copies(_body(copy)[:1], core) == []
 
 
 # ----------------------------------------------------------------------------- log-probs and generation
@@ -263,6 +418,31 @@ def test_decoding_steps_read_nothing_on_the_host(tiny_dir, tmp_path, monkeypatch
     every_16 = R.torchtune_generate(tt_model, contexts, [40, 40], **kw)
     monkeypatch.setattr(R, "DONE_CHECK_EVERY", 1)
     assert R.torchtune_generate(tt_model, contexts, [40, 40], **kw) == every_16
+
+
+def test_done_check_is_one_host_read_with_many_processes(tiny_dir, tmp_path):
+    """With several processes, each `done` check of the decoding loop is one host read: the flag is all-reduced
+    where it is and read once (scale.fsdp.all_processes), not read, all-reduced and read again. On a fake process
+    group of 4 (collectives return at once): one agreement, one read; 32 more decoding steps, two checks, two reads."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    tt_model = tiny_torchtune_model(tiny_dir, tmp_path)
+    tok = tiny_tokenizer(tiny_dir)
+    contexts = [tok.encode("Tea is brewed", add_eos=False), tok.encode("The water cycle moves", add_eos=False)]
+    kw = dict(pad_id=tok.pad_id, stop_ids=[], sampling=sapo.segment_sampling(0.7, 50, 0.95), seeds=[1, 2])
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        with host_read_counter() as mode:
+            assert FS.all_processes(torch.tensor(False), "cpu") is False
+        assert mode.n == 1
+
+        def reads(n):
+            with host_read_counter() as mode:
+                R.torchtune_generate(tt_model, contexts, [n, n], **kw)
+            return mode.n
+        assert reads(48) - reads(16) == 2
+    finally:
+        dist.destroy_process_group()
 
 
 def test_cached_attention_equals_torchtunes(tiny_dir, tmp_path):
