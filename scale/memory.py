@@ -52,10 +52,12 @@ Each term is what scale/simulate.py's trace of the recipe's step shows alive at 
                   --runtime-gib overrides).
   CUDA context and NCCL buffers (GPU runs): outside torch's allocator, so not in memory/peak_allocated_gib, but on
                   the GPU: CUDA_CONTEXT_GIB + NCCL_BUFFERS_GIB with several processes (an allowance; --runtime-gib).
-  checkpoint save process 0 gathers each model's full state dict in turn, then the full optimizer state, into host
+  checkpoint save (checkpoint_format full) process 0 gathers each model's full state dict in turn, then the full
+                  optimizer state, into host
                   memory: max(P x trained dtype, P x optimizer bytes); LoRA: the base with the adapters merged in
                   place, one delta B @ A (the largest adapted weight's size) at a time. A phase of the RSS peak on CPU runs; on CUDA host RAM besides the GPU (printed, not in the
-                  GPU peak).
+                  GPU peak). checkpoint_format sharded: 0, each process writes its own shards
+                  (scale/sharded_checkpoint.py), 1 / W of the checkpoint.
 The peak is the resident state plus the largest phase (on CPU, the checkpoint save among them) plus the runtime.
 
 Not counted: memory an allocator keeps after tensors are freed. On CPU, glibc keeps freed blocks below its mmap
@@ -294,6 +296,9 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
         ckpt_host = s.P * fb + s.adapters * 4 * 3 + s.lora_largest * (4 if mixed else wb)
     else:
         ckpt_host = max(s.P * wb, s.P * opt_b)
+    sharded_ckpt = cfg.get("checkpoint_format", "full") == "sharded"
+    if sharded_ckpt:   # each process writes its own shards (torch.distributed.checkpoint): nothing is gathered
+        ckpt_host = 0.0
     if runtime_gib is None:
         runtime_gib = HOST_BASELINE_GIB if cpu else CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if W > 1 else 0.0)
     runtime = runtime_gib * GIB
@@ -315,6 +320,7 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
             "policy_phase": policy_phase, "phases": phases,
             "runtime": runtime, "peak_phase": peak_phase, "peak": peak, "checkpoint": ckpt,
             "checkpoint_total": sum(ckpt.values()), "offload_host_per_process": state_total if offload else 0.0,
+            "checkpoint_sharded": sharded_ckpt,
             "checkpoint_host_process0": ckpt_host}
 
 
@@ -352,8 +358,11 @@ def render(e: dict, worst: dict | None = None) -> str:
                      f"{worst['peak_phase']}")
     lines += ["", "checkpoint (GiB): " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in e["checkpoint"].items() if v)
               + f"; total {e['checkpoint_total'] / GIB:.1f}",
-              f"host RAM of process 0 while it writes one (full state dicts gathered): "
-              f"{e['checkpoint_host_process0'] / GIB:.1f} GiB"]
+              (f"written sharded: each process writes its own {e['checkpoint_total'] / e['nproc'] / GIB:.1f} GiB, "
+               "nothing is gathered (host RAM: the process's own tensors, staged as it writes)"
+               if e.get("checkpoint_sharded") else
+               f"host RAM of process 0 while it writes one (full state dicts gathered): "
+               f"{e['checkpoint_host_process0'] / GIB:.1f} GiB")]
     return "\n".join(lines)
 
 

@@ -132,6 +132,7 @@ from sapo_utils.run import StopSignals, seed_everything  # noqa: E402
 from scale.fsdp import (all_processes, full_tensor, gathered, init_distributed, is_lora,  # noqa: E402
                         local_ema_update, set_collective_timeout, step_timeout_minutes,
                         load_full_model_state_dict, load_full_optimizer_state_dict, prepare_model, reshard)
+from scale import sharded_checkpoint  # noqa: E402
 from scale.host_memory import peak_rss_gib, proc_status_gib, release_host_memory, reset_peak_rss  # noqa: E402
 
 log = utils.get_logger("INFO")
@@ -189,6 +190,9 @@ def check_recipe_config(cfg: DictConfig) -> None:
     system_prompt = cfg.dataset.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ConfigError(f"config: dataset.system_prompt must be a string or null, got {system_prompt!r}")
+    if cfg.get("checkpoint_format", "full") not in ("full", "sharded"):
+        raise ConfigError(f"config: checkpoint_format must be full (transformers folders, process 0 writes) or sharded "
+                          f"(each process its own part), got {cfg.checkpoint_format!r}")
     if cfg.checkpointer.get("_component_") != "torchtune.training.FullModelHFCheckpointer":
         raise ConfigError("config: checkpointer must be torchtune.training.FullModelHFCheckpointer (transformers in and out)")
     max_seq_len, window = _model_limits(cfg.model)
@@ -667,6 +671,7 @@ class SAPORecipe(FTRecipeInterface):
         self.compute_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
         self.decode_steps = {}   # compile_decode: the compiled decoding step of each generator model
         self.lora = is_lora(cfg.model)
+        self.sharded = cfg.get("checkpoint_format", "full") == "sharded"   # resume state: scale/sharded_checkpoint.py
         self.shard = self.world_size > 1
         self.out = Path(cfg.output_dir)
         self.B = int(cfg.batch_size)                       # prompts per process per micro-batch
@@ -706,11 +711,13 @@ class SAPORecipe(FTRecipeInterface):
         self.ref_every = sapo.reference_period(self.sapo_cfg, len(self.examples))
 
         state = self._find_checkpoint() if cfg.get("resume_from_checkpoint", False) else None
-        if state is None and list((self.out / "recipe_state").glob("step_*.pt")):
+        if state is None and (list((self.out / "recipe_state").glob("step_*.pt")) or
+                              sharded_checkpoint.checkpoint_dirs(self.out / "checkpoints")):
             raise ConfigError(f"output_dir: {self.out} holds checkpoints of an earlier run: pass resume_from_checkpoint=True "
                               "to continue it, or choose another output_dir")
         runtime_gib = proc_status_gib("VmRSS")   # the process before any model: python, torch, tokenizer, data
-        self._setup_models(cfg, state)
+        # a sharded checkpoint holds the weights too: the models are built as in a fresh run, then filled from it
+        self._setup_models(cfg, None if self.sharded else state)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         warmup = cfg.get("num_warmup_steps")          # as sapo.py: --warmup-steps, else --warmup-ratio of the steps
@@ -845,7 +852,18 @@ class SAPORecipe(FTRecipeInterface):
     # -- resume -----------------------------------------------------------------------------------------
 
     def _find_checkpoint(self) -> dict | None:
-        """The newest recipe_state/step_N.pt (written last, atomically, so N's weights are complete)."""
+        """The newest complete checkpoint: recipe_state/step_N.pt (written last, atomically, so N's weights are
+        complete), or with checkpoint_format sharded the newest checkpoints/step_N/ that verifies against its
+        manifest ({"sharded": its path}; scale/sharded_checkpoint.py)."""
+        if self.sharded:
+            path = sharded_checkpoint.latest(self.out / "checkpoints", self.device,
+                                             say=lambda line: utils.log_rank_zero(log, line))
+            if path is None:
+                utils.log_rank_zero(log, f"resume_from_checkpoint: no complete checkpoint in {self.out / 'checkpoints'}; "
+                                         "starting fresh")
+                return None
+            utils.log_rank_zero(log, f"resuming from {path}")
+            return {"sharded": path}
         states = sorted((self.out / "recipe_state").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         if not states:
             utils.log_rank_zero(log, f"resume_from_checkpoint: nothing in {self.out / 'recipe_state'}; starting fresh")
@@ -857,12 +875,36 @@ class SAPORecipe(FTRecipeInterface):
         # at the end of setup. weights_only: never unpickles arbitrary objects.
         return torch.load(states[-1], map_location="cpu", weights_only=True, mmap=True)
 
+    def _sharded_state(self) -> dict:
+        """What a sharded checkpoint holds, as this run's live (sharded) state dicts: the policy (LoRA: its
+        adapters; the base is the configured checkpoint), the EMA and the reference (LoRA: adapter sets), and the
+        optimizer state by parameter name (torch.distributed.checkpoint.state_dict)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        policy = self.policy.state_dict()
+        if self.lora:
+            policy = {k: v for k, v in policy.items() if "lora" in k or "magnitude" in k}
+        state = {"policy": policy, "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+        for name, model in (("ema", self.ema), ("ref", self.ref)):
+            if model is not None:
+                state[name] = model.state_dict()
+        return state
+
     def _load_recipe_state(self, state: dict) -> None:
+        if "sharded" in state:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+            path = state["sharded"]
+            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+            if self.lora and state["ref_has_adapters"] and self.ref is None:
+                self.ref = self.live.copy()          # filled below
+            live = self._sharded_state()
+            sharded_checkpoint.load(path, live, self.device)   # each process reads the pieces of its own shards
+            set_optimizer_state_dict(self.policy, self.optimizer, live["optimizer"])
+        else:
+            load_full_optimizer_state_dict(self.optimizer, state["optimizer"])   # nothing refers to the mmapped file after
         if state["seed"] != self.seed:
             utils.log_rank_zero(log, f"seed {self.seed} in the config, {state['seed']} in the checkpoint: using the checkpoint's")
             self.seed = state["seed"]
         self.step, self.skipped = state["step"], state["skipped"]
-        load_full_optimizer_state_dict(self.optimizer, state["optimizer"])   # nothing refers to the mmapped file after
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.buffer.load_state_dict(state["buffer"])
         self.stream = PromptStream(len(self.examples), self.seed)
@@ -1124,6 +1166,9 @@ class SAPORecipe(FTRecipeInterface):
         rank0 = self.is_rank_zero
         # the others wait at the barrier below while process 0 writes: the setup's long timeout
         set_collective_timeout(float(self.cfg.get("dist_timeout_minutes", 60)))
+        if self.sharded:
+            self._save_sharded(step)
+            return
         if self.lora:
             full = training.gather_cpu_state_dict(self.policy, rank0, device=self.device)
             if rank0 and not self.shard and self.device.type == "cpu":
@@ -1153,10 +1198,7 @@ class SAPORecipe(FTRecipeInterface):
                 release_host_memory()     # one model's full state dict at a time, not all of them retained
         opt = training.get_full_optimizer_state_dict(self.policy, self.optimizer, rank0, device=self.device)
         if rank0:
-            version, internal, gauss = self.rng.getstate()
-            state = {"step": step, "skipped": self.skipped, "seed": self.seed, "optimizer": opt, "lr_scheduler": self.scheduler.state_dict(),
-                     "buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
-                     "python_rng": [version, list(internal), gauss], "ref_has_adapters": self.ref is not None}
+            state = {**self._trainer_state(step), "optimizer": opt}
             folder = self.out / "recipe_state"
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".step_{step}.pt.tmp"
@@ -1169,6 +1211,24 @@ class SAPORecipe(FTRecipeInterface):
         opt = state = None
         release_host_memory()
         dist.barrier()
+        if self.longest_step_s:
+            self._training_timeout()
+
+    def _trainer_state(self, step: int) -> dict:
+        """What every process holds alike, for the checkpoint (the optimizer state aside)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"step": step, "skipped": self.skipped, "seed": self.seed, "lr_scheduler": self.scheduler.state_dict(),
+                "buffer": self.buffer.state_dict(), "stream": self.stream.state_dict(),
+                "python_rng": [version, list(internal), gauss], "ref_has_adapters": self.ref is not None}
+
+    def _save_sharded(self, step: int) -> None:
+        """checkpoint_format sharded: output_dir/checkpoints/step_<step>/, each process writing its own shards of the
+        policy, EMA, reference and optimizer state (scale/sharded_checkpoint.py: atomic, with a manifest of hashes;
+        no full state dict is gathered anywhere). No transformers folders: export the policy from the last one."""
+        path = sharded_checkpoint.save(self.out / "checkpoints", step, self._sharded_state(), self._trainer_state(step),
+                                       self.device, int(self.cfg.get("keep_last_n_checkpoints", 1)))
+        utils.log_rank_zero(log, f"checkpoint: step {step} in {path} (sharded, {self.world_size} processes)")
+        release_host_memory()
         if self.longest_step_s:
             self._training_timeout()
 

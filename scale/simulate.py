@@ -475,6 +475,10 @@ def simulate(cfg, nproc: int, prompt_len: int = 32) -> dict:
         model.sapo_shared_prefix = bool(enabled)
         return model.sapo_shared_prefix
 
+    def sharded_save(root, step, state, trainer, device, keep):   # checkpoint_format sharded: nothing written
+        saved["sharded (this process's part)"] = _nbytes(state)
+        return Path(root) / f"step_{step}"
+
     def empty_file(obj, f, *a, **k):     # recipe_state/step_N.pt: fake tensors have no bytes to write
         saved["optimizer"] = _nbytes(obj.get("optimizer")) if isinstance(obj, dict) else 0
         Path(f).write_bytes(b"")
@@ -489,6 +493,7 @@ def simulate(cfg, nproc: int, prompt_len: int = 32) -> dict:
                 mock.patch.object(R, "torchtune_packing_ok", packing_ok), \
                 mock.patch.object(sapo, "load_examples", lambda *a, **k: list(examples)), \
                 mock.patch.object(torch, "save", empty_file), \
+                mock.patch.object(R.sharded_checkpoint, "save", sharded_save), \
                 mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *a, **k: None):
             # (DTensor's sharding propagation builds global-shaped fake tensors in the active fake mode, which
             # the tracker cannot tell from this process's own: given none, it makes a fake mode of its own, as

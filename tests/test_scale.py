@@ -835,3 +835,66 @@ def test_tied_embeddings_train_under_the_shipped_layout(tmp_path):
     emb = trained.get_input_embeddings().weight
     assert trained.get_output_embeddings().weight.data_ptr() == emb.data_ptr()      # still tied
     assert (emb - start.get_input_embeddings().weight).abs().max() > 0            # and trained
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+def test_sharded_checkpoints_resume_on_another_process_count(tiny_dir, tmp_path, capsys):
+    """checkpoint_format: sharded (scale/sharded_checkpoint.py). 2 gloo processes write checkpoints/step_N/, each
+    process its own file of shards (torch.distributed.checkpoint), a manifest of every file's size and sha256, no
+    transformers folders and no recipe_state/. A copy cut back to step 2 resumes on ONE process (batch_size 4: the
+    same global batch) and repeats step 3 of the uninterrupted run (1e-4, as one process against two). A file that
+    does not match the manifest makes the resume skip that checkpoint with one line and take the one before; a
+    .tmp- folder (a crash mid-write) is never taken."""
+    import torch.distributed as dist
+    from scale import sharded_checkpoint as SC
+    run = tmp_path / "run"
+    tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=run, top_k=1, checkpoint_format="sharded",
+             save_every_n_steps=1, keep_last_n_checkpoints=3)
+    root = run / "checkpoints"
+    assert [p.name for p in SC.checkpoint_dirs(root)] == ["step_1", "step_2", "step_3"]
+    assert not (run / "recipe_state").exists() and not [p for p in run.glob("policy/**/*") if p.is_file()]
+    manifest = json.loads((root / "step_3" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer.pt"} == set(manifest["files"])
+    assert {p.name for p in (root / "step_3").iterdir()} == set(manifest["files"]) | {"manifest.json"}
+
+    one = tmp_path / "one"
+    shutil.copytree(run, one)
+    shutil.rmtree(one / "checkpoints" / "step_3")
+    shutil.copytree(one / "checkpoints" / "step_2", one / "checkpoints" / ".tmp-step_3")   # a write that never finished
+    log = tune_run(CONFIGS / "tiny_cpu.yaml", 1, model_dir=tiny_dir, output_dir=one, top_k=1, checkpoint_format="sharded",
+                   save_every_n_steps=1, keep_last_n_checkpoints=3, batch_size=4, resume_from_checkpoint=True)
+    assert f"resuming from {one / 'checkpoints' / 'step_2'}" in log
+    a, b = metrics(run / "metrics.jsonl"), metrics(one / "metrics.jsonl")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for k in COMPARED + ("rewards/chosen", "lr", "buffer/size"):
+        assert_close(a[2][k], b[2][k], 1e-4, f"step 3 {k}")
+    assert json.loads((one / "checkpoints" / "step_3" / "manifest.json").read_text())["world_size"] == 1
+
+    # tampered: one byte of process 1's file in step_2 -> skipped, step_1 taken
+    target = run / "checkpoints" / "step_2" / "__1_0.distcp"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    shutil.rmtree(run / "checkpoints" / "step_3")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        lines = []
+        assert SC.latest(run / "checkpoints", "cpu", say=lines.append) == run / "checkpoints" / "step_1"
+        assert lines == [f"skipping checkpoint {run / 'checkpoints' / 'step_2'}: __1_0.distcp is missing or does not "
+                         "match its manifest"]
+        # NaN weights are never written: one line, and no folder
+        with pytest.raises(sapo_errors().UserError, match="NaN/inf"):
+            SC.save(tmp_path / "nan", 5, {"w": torch.tensor([1.0, float("nan")])}, {"step": 5}, "cpu", keep=1)
+        assert not (tmp_path / "nan" / "step_5").exists()
+        # a round trip in one process: the state dict filled in place, the trainer state returned
+        saved = SC.save(tmp_path / "rt", 7, {"w": torch.arange(4.0)}, {"step": 7}, "cpu", keep=1)
+        into = {"w": torch.zeros(4)}
+        assert SC.load(saved, into, "cpu") == {"step": 7} and torch.equal(into["w"], torch.arange(4.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def sapo_errors():
+    import sapo_utils.errors
+    return sapo_utils.errors
