@@ -34,7 +34,7 @@ One optimizer step on W processes, each with a micro-batch of B prompts (every p
   3. for each micro-batch:
      c. every process pushes its B*W tuples into its copy of the replay buffer (sapo.ReplayBuffer) and samples
         the same B*W tuples from it; process r keeps rows r*B .. r*B+B-1;
-     d. loss on those B tuples (sapo.dpo_loss / sapo.orpo_loss), each one segment [x, y+, y-'s own tokens], short
+     d. loss on those B tuples (sapo.preference_loss: DPO / ORPO), each one segment [x, y+, y-'s own tokens], short
         segments packed into shared rows (sapo_fast.shared_prefix_layout), with torchtune's mask and input_pos;
         two rows per tuple (sapo.preference_logps) where the model fails the check; backward; FSDP averages
         gradients over processes.
@@ -124,7 +124,6 @@ import sapo  # noqa: E402
 import sapo_fast  # noqa: E402
 from sapo_utils.data import PromptStream, parse_columns  # noqa: E402
 from sapo_utils.errors import Stopped, UserError  # noqa: E402
-from sapo_utils.report import preference_metrics  # noqa: E402
 from sapo_utils.optim import guarded_step, make_scheduler  # noqa: E402
 from sapo_utils.report import MetricsLog, append_samples, trim_jsonl  # noqa: E402
 from sapo_utils.run import StopSignals, seed_everything  # noqa: E402
@@ -177,6 +176,12 @@ def check_recipe_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config: buffer_sampling must be weighted or uniform, got {cfg.buffer_sampling!r}")
     if cfg.lr_schedule not in ("linear", "cosine", "constant", "inverse_sqrt"):
         raise ConfigError(f"config: lr_schedule must be linear, cosine, constant or inverse_sqrt, got {cfg.lr_schedule!r}")
+    for key in ("rpo_alpha", "dpop_lambda"):
+        value = cfg.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"config: {key} must be a number >= 0 (0: off), got {value!r}")
+    if not isinstance(cfg.get("suffix_free", False), bool):
+        raise ConfigError(f"config: suffix_free must be True or False, got {cfg.get('suffix_free')!r}")
     if cfg.get("on_nonfinite", "skip") not in ("skip", "stop"):
         raise ConfigError(f"config: on_nonfinite must be skip or stop, got {cfg.on_nonfinite!r}")
     if cfg.get("max_steps") is None and cfg.get("epochs") is None:
@@ -962,7 +967,8 @@ class SAPORecipe(FTRecipeInterface):
                 gathered(generator, gather_weights, cfg.get("fsdp_reshard_after_forward", True)):
             return sapo.make_negatives(generator, fresh, cfg.segment_len, cfg.max_length, self.rng, self.pad_id,
                                        self.stop_ids, self.sampling, batch_size=micro_per_call * self.global_batch,
-                                       generate=self._generate_across_processes())
+                                       generate=self._generate_across_processes(),
+                                       suffix_free=bool(cfg.get("suffix_free", False)))
 
     def _decode_options(self, model) -> dict:
         """compile_decode: the decoding step compiled once per generator model (compiled_decode_step, with the
@@ -1004,8 +1010,9 @@ class SAPORecipe(FTRecipeInterface):
         return generate
 
     def _loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
-        """sapo.batch_loss on this process's rows: the method's loss and TRL/torchtune-named metrics (means over
-        these rows; averaged over processes by the caller, which equals the mean over the global batch)."""
+        """The method's loss on this process's rows through sapo.preference_loss (sapo.py's own: DPO with
+        rpo_alpha's NLL term and dpop_lambda's DPOP penalty, or ORPO), and its TRL-named metrics (means over these
+        rows; averaged over processes by the caller, which equals the mean over the global batch)."""
         cfg = self.cfg
         # Reference first: LoRA swaps adapter values in place, which must not happen inside autograd. And in its
         # own autocast region: autocast caches the bf16 casts of fp32 weights until the region ends, so a shared
@@ -1015,19 +1022,17 @@ class SAPORecipe(FTRecipeInterface):
                 ref_pos, ref_neg = self._reference_logps(batch)
         with self._autocast():
             pi_pos, pi_neg, n_pos, n_neg = torchtune_preference_logps(self.policy, batch, self.pad_id, self.device)
-        if self.method.loss == "dpo":
-            loss, r_pos, r_neg = sapo.dpo_loss(pi_pos, pi_neg, ref_pos, ref_neg, cfg.beta)
-            extra = {}
-        else:
+        nll = None
+        if self.method.loss == "orpo" or float(cfg.get("rpo_alpha", 0.0)) > 0:
             # NLL(y+) as a token mean over the *global* batch: scaled by W here, averaged over W by FSDP
             n_all = n_pos.sum().float()
             if self.world_size > 1:
                 dist.all_reduce(n_all)
             nll = -pi_pos.sum() * self.world_size / n_all
-            loss, log_odds, r_pos, r_neg = sapo.orpo_loss(pi_pos / n_pos, pi_neg / n_neg, nll, cfg.orpo_lambda)
-            extra = {"nll_loss": nll.item(), "log_odds_ratio": F.logsigmoid(log_odds).mean().item(),
-                     "log_odds_chosen": log_odds.mean().item()}
-        return loss, preference_metrics(loss, r_pos, r_neg, pi_pos, pi_neg, extra)
+        refs = (ref_pos, ref_neg) if self.method.loss == "dpo" else (None, None)
+        return sapo.preference_loss(self.method.loss, pi_pos, pi_neg, n_pos, n_neg, *refs, beta=float(cfg.beta),
+                                    orpo_lambda=float(cfg.orpo_lambda), rpo_alpha=float(cfg.get("rpo_alpha", 0.0)),
+                                    dpop_lambda=float(cfg.get("dpop_lambda", 0.0)), nll=nll)
 
     def _mean_over_processes(self, metrics: dict) -> dict:
         if self.world_size == 1:

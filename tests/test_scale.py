@@ -702,6 +702,24 @@ def test_distributed_orpo_matches_sapo_py(tiny_dir, tmp_path):
     assert not (tmp_path / "recipe" / "ref").exists()                 # ORPO has no reference
 
 
+def test_loss_options_match_sapo_py(tiny_dir, tmp_path):
+    """sapo.py's DPO options through the recipe, one copy of the math (sapo.preference_loss): rpo_alpha's NLL(y+)
+    term (a token mean over the global batch, all-reduced count), dpop_lambda's DPOP penalty and suffix_free's
+    Step-DPO pairs (sapo.make_negatives cuts y+ at t+G) on 2 processes give sapo.py's per-step figures in one."""
+    options = dict(rpo_alpha=0.5, dpop_lambda=2.0, suffix_free=True)
+    tune_run(CONFIGS / "tiny_cpu.yaml", 2, model_dir=tiny_dir, output_dir=tmp_path / "recipe", top_k=1, max_steps=3,
+             gradient_accumulation_steps=1, save_every_n_steps=0, **options)
+    sapo_train(tmp_path / "sapo", tiny_dir, method="sapo-dpo", max_steps=3, grad_accum=1, **options)
+    a, b = metrics(tmp_path / "recipe" / "metrics.jsonl"), metrics(tmp_path / "sapo" / "metrics.jsonl")
+    assert len(a) == len(b) == 3 and "nll_loss" in a[0]
+    assert a[0]["loss"] == pytest.approx(math.log(2) + 0.5 * a[0]["nll_loss"], abs=1e-5)   # DPO's log 2 + alpha * NLL
+    for x, y in zip(a, b):
+        for k in COMPARED + ("nll_loss", "rewards/chosen"):
+            assert_close(x[k], y[k], 1e-4, f"step {x['step']} {k}")
+    samples = [json.loads(line) for line in open(tmp_path / "recipe" / "samples.jsonl")]
+    assert samples == [json.loads(line) for line in open(tmp_path / "sapo" / "samples.jsonl")]
+
+
 def test_nonfinite_step_is_skipped(tiny_dir, tmp_path, one_process_group, monkeypatch):
     """The recipe in this process (one-process group): a NaN loss injected at step 2 skips that optimizer step
     (the policy saved after step 2 is the one after step 1), is counted, and training goes on."""
