@@ -58,6 +58,8 @@ Each term is what scale/simulate.py's trace of the recipe's step shows alive at 
                   place, one delta B @ A (the largest adapted weight's size) at a time. A phase of the RSS peak on CPU runs; on CUDA host RAM besides the GPU (printed, not in the
                   GPU peak). checkpoint_format sharded: 0, each process writes its own shards
                   (scale/sharded_checkpoint.py), 1 / W of the checkpoint.
+  loading (host)  torchtune's HF reader permutes every layer's q and k weights (Llama, Mistral, Gemma) into memory
+                  of its own while it reads the checkpoint: L x (q + k weights) x 2 bytes per process, printed.
 The peak is the resident state plus the largest phase (on CPU, the checkpoint save among them) plus the runtime.
 
 Not counted: memory an allocator keeps after tensors are freed. On CPU, glibc keeps freed blocks below its mmap
@@ -100,6 +102,7 @@ class Shapes:
     tied: bool = False  # the output layer is the embeddings' weight (TiedLinear)
     lora_mlp: bool = False  # LoRA adapters on the MLP's projections
     lora_largest: int = 0   # the largest weight with an adapter (merging it makes a delta of its size)
+    qk_layer: int = 0       # one layer's q_proj and k_proj weights (torchtune's HF reader permutes them)
 
 
 def model_shapes(cfg_model) -> Shapes:
@@ -121,10 +124,11 @@ def model_shapes(cfg_model) -> Shapes:
     F = w1.weight.shape[0] if w1 is not None and hasattr(w1, "weight") else 4 * D
     lora_mlp = any("lora" in n for n, _ in layer.mlp.named_parameters())
     lora_largest = max((mod.weight.numel() for mod in m.modules() if hasattr(mod, "lora_a")), default=0)
+    qk_layer = sum(getattr(attn, name).weight.numel() for name in ("q_proj", "k_proj") if hasattr(attn, name))
     return Shapes(P=P, P_layer=P_layer, P_out=P_out or m.tok_embeddings.weight.numel(), L=len(m.layers), D=D, F=F,
                   kv=attn.num_kv_heads * attn.head_dim, V=m.tok_embeddings.num_embeddings, adapters=adapters,
                   P_embed=m.tok_embeddings.weight.numel(), tied=not P_out, lora_mlp=lora_mlp,
-                  lora_largest=lora_largest)
+                  lora_largest=lora_largest, qk_layer=qk_layer)
 
 
 def optimizer_state_bytes(cfg_opt, param_bytes: int) -> float:
@@ -299,6 +303,11 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     sharded_ckpt = cfg.get("checkpoint_format", "full") == "sharded"
     if sharded_ckpt:   # each process writes its own shards (torch.distributed.checkpoint): nothing is gathered
         ckpt_host = 0.0
+    # loading the transformers checkpoint: each process reads its own rows of the mmapped files, but torchtune's HF
+    # reader permutes q and k (Llama's rotary layout; not for Qwen2 / Phi-3, whose readers copy nothing) into memory
+    # of its own, every layer's, in the file's dtype (bf16 in the released checkpoints), before the copy begins
+    model_type = str(cfg.get("checkpointer", {}).get("model_type", "")).upper()
+    load_host = 0.0 if model_type in ("QWEN2", "PHI3_MINI", "PHI4") else s.L * s.qk_layer * 2.0
     if runtime_gib is None:
         runtime_gib = HOST_BASELINE_GIB if cpu else CUDA_CONTEXT_GIB + (NCCL_BUFFERS_GIB if W > 1 else 0.0)
     runtime = runtime_gib * GIB
@@ -320,7 +329,7 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
             "policy_phase": policy_phase, "phases": phases,
             "runtime": runtime, "peak_phase": peak_phase, "peak": peak, "checkpoint": ckpt,
             "checkpoint_total": sum(ckpt.values()), "offload_host_per_process": state_total if offload else 0.0,
-            "checkpoint_sharded": sharded_ckpt,
+            "checkpoint_sharded": sharded_ckpt, "load_host_per_process": load_host,
             "checkpoint_host_process0": ckpt_host}
 
 
@@ -362,7 +371,9 @@ def render(e: dict, worst: dict | None = None) -> str:
                "nothing is gathered (host RAM: the process's own tensors, staged as it writes)"
                if e.get("checkpoint_sharded") else
                f"host RAM of process 0 while it writes one (full state dicts gathered): "
-               f"{e['checkpoint_host_process0'] / GIB:.1f} GiB")]
+               f"{e['checkpoint_host_process0'] / GIB:.1f} GiB"),
+              f"host RAM per process while it loads the transformers checkpoint (torchtune's q/k-permuted copies): "
+              f"{e.get('load_host_per_process', 0) / GIB:.1f} GiB"]
     return "\n".join(lines)
 
 

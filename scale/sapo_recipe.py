@@ -53,8 +53,8 @@ Where this recipe departs from sapo.py, and why
     distribution is transformers' temperature, top-k, top-p (sapo_fast.TopKTopPSampler.kept). Greedy when top_k = 1 (the tests
     use that to compare with transformers' generate in sapo.py).
   - Prompts are encoded with torchtune's tokenizers (`tokenize_messages`): y+ is the assistant's text plus its
-    end-of-turn token (Llama-3 <|eot_id|>, Mistral </s>); torchtune's extra <|end_of_text|> after the last turn
-    is not part of y+. Contents are stripped (torchtune's Llama-3 tokenizer strips them). Rows are read and
+    end-of-turn token (Llama-3 <|eot_id|>, Qwen2.5 <|im_end|>, Mistral </s>); torchtune's extra <|end_of_text|>
+    after the last turn is not part of y+; dataset.system_prompt gives rows without a system message one. Contents are stripped (torchtune's Llama-3 tokenizer strips them). Rows are read and
     validated by sapo_utils.data (the same formats as sapo.py; `dataset.columns` is sapo.py's --columns).
   - ORPO's NLL is a token mean over the whole global batch: the chosen-token count is all-reduced, so W
     processes give the same loss as one process with W times the batch.
@@ -84,6 +84,11 @@ Where this recipe departs from sapo.py, and why
     weights; transformers loads it into bf16 with dtype=torch.bfloat16), EMA and reference in bf16. At 8B a
     checkpoint is 90 GiB (scale/README.md). A resume reads one model at a time and mmaps the checkpoint files:
     each process copies only its own rows of each tensor into its shards (scale/fsdp.py).
+    checkpoint_format: sharded (the 70B config) writes output_dir/checkpoints/step_<step>/ instead, each process
+    its own shards of every model and of the optimizer state, with a manifest of hashes
+    (scale/sharded_checkpoint.py): nothing is gathered, and any process count resumes from it.
+  - A tied output layer (TiedLinear: Llama-3.2, small Qwen2 / Qwen2.5, Gemma) keeps the embeddings in the root
+    FSDP unit whatever custom_sharded_layers names (scale.fsdp.custom_units).
   - Stop signals are sapo.py's (sapo_utils.run.StopSignals): the first SIGTERM / SIGINT finishes the step and
     checkpoints; a second one stops at once (the last complete checkpoint stays intact).
 """

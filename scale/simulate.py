@@ -67,6 +67,10 @@ On the three 7-8B configs, 8 of Llama-3-8B's layers, Qwen2-7B's shapes and Llama
 config's variants (no FSDP mixed precision, bf16, fp32, no activation checkpointing, two rows per tuple,
 accumulation, no weight gathering for generation, no resharding after forward, ORPO, LoRA on 1 and 2 processes)
 every phase came within 10% (scale/README.md; tests/test_scale_simulate.py).
+
+Other models at their real widths, cut to a few layers: the model section `{_component_: scale.simulate.few_layers,
+builder: torchtune.models.gemma2.gemma2_9b, num_layers: 2}` (few_layers) builds any torchtune builder's model with
+num_layers layers; the tests trace one model of each torchtune 0.6.1 text-decoder family so.
 """
 from __future__ import annotations
 

@@ -32,6 +32,12 @@ What is compared, and how tightly (measured on the 2-core dev machine, fp32):
   - Configs: every YAML passes torchtune's config.validate and the recipe's check_config; the 7-8B configs
     build their models and FSDP2 sharding plan on the meta device (no memory, no weights).
   - GPU: one tiny bf16-mixed run, skipped without CUDA.
+  - Models and options: a tied-embedding tiny model (Llama-3.2's TiedLinear) under the 8-GPU layout
+    (custom_sharded_layers [tok_embeddings, output]) on 2 processes matches 1 process (1e-4); rpo_alpha, dpop_lambda
+    and suffix_free on 2 processes match sapo.py (1e-4); Qwen2.5's ChatML split with the pinned tokenizer's masks.
+  - Sharded checkpoints: written by 2 processes, resumed on 1 (step 3 within 1e-4 of the uninterrupted run); a
+    tampered file skips its checkpoint with one line; NaN weights are never written.
+  - One host read per done check with 4 (fake) processes.
 """
 import json
 import math

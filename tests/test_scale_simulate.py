@@ -10,6 +10,10 @@ a fake process group, MemTracker), per phase, against scale/memory.py.
     config otherwise, segment_len 16 so that decoding is short; ~15 s): every phase within TOLERANCE of the
     estimate, and the estimator's terms checked against what the trace shows; Qwen2-7B's and Llama-3.2's (tied
     embeddings, LoRA) shapes on a few layers.
+  - Every torchtune 0.6.1 text-decoder family (llama2, llama3, llama3_1, llama3_2, llama3_3, mistral, qwen2, qwen2_5,
+    gemma, gemma2, phi3, phi4; the tied-embedding model where the family has one) at its real widths and vocabulary
+    with 2 layers, under llama3_8b_sapo_dpo.yaml's layout on 2 fake processes (~10 s each): every phase within
+    TOLERANCE; Gemma 2's window refused at once past max_length.
   - The full 7-8B configs at their world sizes (about 5 minutes each for the 8-GPU configs, 8 for LoRA on 2 CPU
     cores): SAPO_SIMULATE_FULL=1 runs them with the same checks.
 """
