@@ -42,7 +42,9 @@ Each term is what scale/simulate.py's trace of the recipe's step shows alive at 
   EMA update      scale.fsdp.local_ema_update casts every policy shard to the EMA's dtype at once (P x EMA bytes
                   / W where they differ).
   generation      the EMA gathered whole, this process's shard included (gather_generator_weights, W > 1; without
-                  it, unit by unit at every decoding step), its KV cache (L x 2 x kv x T x B' x c: sapo.truncation_point
+                  it, unit by unit at every decoding step: two layers and a unit's copy, or, for a separately
+                  sharded output layer, one layer and the output layer's all-gather buffer beside its copy),
+                  its KV cache (L x 2 x kv x T x B' x c: sapo.truncation_point
                   keeps context + G <= T) and the prefill's layer over T - G tokens, for the B' rows of one generate
                   call: B x gradient_accumulation_steps (all of a step's micro-batches), or generate_rows_per_call.
   optimizer step  the gradients and torch's foreach temporaries of one state tensor's size (P / W x trained dtype).
@@ -266,7 +268,8 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     # gradients of the ones before.
     # (and at the forward's start the root's all-gather buffer beside its copied-out parameters)
     ref_layers = gathered(fb) + tokens * layer_no_grad
-    ref_output = gathered(fb, layers=0) + output_unit(fb) + logits_ref
+    # (a separately sharded output layer: its all-gather buffer beside its copied-out weight)
+    ref_output = gathered(fb, layers=0) + 2 * output_unit(fb) + logits_ref
     ref_start = gathered(fb, layers=1) + (root * fb if W > 1 else 0.0)
     ref_phase = (grads_in_backward + rows * row_len ** 2 * shared_prefix
                  + max(ref_layers, ref_output, ref_start)) if dpo else 0.0
@@ -281,7 +284,7 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     elif cfg.get("gather_generator_weights", True):
         ema_gather, unit_copy = s.P * fb, 0.0
     else:
-        ema_gather, unit_copy = gathered(fb) + output_unit(fb), max(root, s.P_layer) * fb
+        ema_gather, unit_copy = gathered(fb), max(root, s.P_layer) * fb
     # one generate call decodes this process's rows of all the step's micro-batches (generate_rows_per_call: fewer)
     gen_rows = B * int(cfg.get("gradient_accumulation_steps", 1))
     if cfg.get("generate_rows_per_call"):
@@ -291,7 +294,12 @@ def estimate(cfg, nproc: int, seq_len: int | None = None, response_len: int | No
     ctx = max(T - G, 1)
     kv_cache = s.L * 2 * s.kv * T * gen_rows * c
     prefill = gen_rows * ctx * layer_no_grad + gen_rows * ctx * T * c
-    gen_phase = ema_gather + kv_cache + max(prefill, unit_copy) + gen_rows * T * T + gen_rows * s.V * 4 * 3
+    gen_weights = ema_gather + max(prefill, unit_copy)
+    if W > 1 and not cfg.get("gather_generator_weights", True) and output_unit(fb):
+        # a separately sharded output layer: when it is gathered the layers are resharded but one (the next
+        # token's first, prefetched), and its all-gather buffer and copied-out weight both exist
+        gen_weights = max(gathered(fb) + max(prefill, unit_copy), gathered(fb, layers=1) + 2 * output_unit(fb))
+    gen_phase = gen_weights + kv_cache + gen_rows * T * T + gen_rows * s.V * 4 * 3
     opt_phase = grads + (s.P if not lora else s.adapters) * wb / W          # + foreach temporaries
     # process 0 writing a checkpoint: each model's full state dict in turn (gathered into host memory), then the full
     # optimizer state; host RAM on CUDA (besides the GPU), part of the RSS peak on CPU runs that save mid-training

