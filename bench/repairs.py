@@ -16,7 +16,7 @@ The pipeline, every stage through sapo.train:
   pairs    per start, fixed held-out (x, y+, y-) pairs written once by the start model (SAPO's segment negatives,
            with y+'s suffix): every run measures log pi on y+'s prefix / span / suffix and y-'s span / suffix there.
   sweeps   per start and arm, held-out exact match after the last step at each lr of a half-decade ladder, extended
-           past an edge until the best is interior (or the method no longer moves the model); where the best two
+           past an edge until the best is interior (or the ladder ends); where the best two
            are closer than the sweep's noise, both rerun with two more sweep seeds and the mean decides.
   runs     every arm x seed at its chosen lr; held-out curve and regions every --curve-every steps; greedy answers
            to every test problem at the end.
@@ -156,9 +156,10 @@ def start_scores(P: dict, info: dict, files: dict, pairs: list[dict], path: Path
     tok, model = sapo.load_tokenizer(info["model"]), sapo.load_model(info["model"])
     h = ev.scored(model, tok, files["heldout"], P["max_new_tokens"])
     t = ev.scored(model, tok, files["test"], P["max_new_tokens"])
-    regions = ev.mean_regions(model, pairs, P["segment_len"], tok.pad_token_id)
-    out = {**t["scores"], "exact": t["exact"], "heldout": {**h["scores"], "regions": regions},
-           "n_params": ar.n_params(model)}
+    heldout = dict(h["scores"])
+    if pairs:       # a start whose own negatives all equal y+ leaves nothing to measure
+        heldout["regions"] = ev.mean_regions(model, pairs, P["segment_len"], tok.pad_token_id)
+    out = {**t["scores"], "exact": t["exact"], "heldout": heldout, "n_params": ar.n_params(model)}
     path.write_text(json.dumps(out))
     return out
 
@@ -187,8 +188,7 @@ def make_spec(P, work, data, start, scores, arm, seed, lr, stage):
 def next_sweep_runs(P: dict, grid_scores: dict, arm: str) -> list[tuple[float, int]]:
     """(lr, sweep seed) runs the sweep of one arm still needs, given its held-out exact match so far
     ({lr: {seed: em}}): the first grid; then one ladder step past an edge the best sits on, unless the ladder
-    ends there or the lr at that edge no longer moves the model (its exact match within `noise` of the start's,
-    grid_scores["start"]); then, if the best two lrs are closer than `noise`, both at the other sweep seeds."""
+    ends there; then, if the best two lrs are closer than `noise`, both at the other sweep seeds."""
     first = P["sweep_seeds"][0]
     grid = P["first_grid"]["nll" if arm in WITH_NLL else "no_nll"]
     if len(P["ladder"]) == 1:           # nothing to choose between (--quick): no sweep runs
@@ -201,9 +201,7 @@ def next_sweep_runs(P: dict, grid_scores: dict, arm: str) -> list[tuple[float, i
     ladder = P["ladder"]
     i = ladder.index(best)
     if best == tried[0] and i > 0:
-        idle = abs(grid_scores[best][first] - grid_scores["start"]) <= P["noise"]
-        if not idle:
-            return [(ladder[i - 1], first)]
+        return [(ladder[i - 1], first)]
     if best == tried[-1] and i < len(ladder) - 1:
         return [(ladder[i + 1], first)]
     ranked = sorted(tried, key=lambda lr: (grid_scores[lr][first], -lr), reverse=True)
@@ -231,7 +229,7 @@ def region_moves(runs: list[dict]) -> dict:
     out = {}
     for k in REGIONS:
         moves = [r["curve"][-1]["regions"][k] - r["curve"][0]["regions"][k] for r in runs
-                 if "regions" in r["curve"][-1] and "regions" in r["curve"][0]]
+                 if r["curve"][-1].get("regions") and r["curve"][0].get("regions")]
         out[k] = float(np.mean(moves)) if moves else None
     return out
 

@@ -189,7 +189,7 @@ def test_sweep_extends_past_an_edge_until_the_best_is_interior():
     assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == [(3e-6, 100)]        # best at the low edge
     scores[3e-6] = {100: 0.44}
     assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == [(1e-6, 100)]
-    scores[1e-6] = {100: 0.49}       # within 3 points of the start: the method no longer moves the model
+    scores[1e-6] = {100: 0.49}       # the ladder ends: the best is its smallest lr
     assert repairs.next_sweep_runs(P, scores, "sapo-dpo") == []
     assert repairs.chosen_lr(P, scores) == 1e-6
     top = {"start": 0.50, 1e-4: {100: 0.80}, 3e-4: {100: 0.85}, 1e-3: {100: 0.90}}
@@ -219,3 +219,40 @@ def test_finished_means_the_last_evaluations_stopped_rising():
     flat = [{"exact_match": v} for v in (0.3, 0.5, 0.9, 0.905, 0.9, 0.91)]
     assert not repairs.finished(rising, 0.01, 3) and repairs.finished(flat, 0.01, 3)
     assert not repairs.finished(flat[:3], 0.01, 3)      # too few points to tell
+
+
+def test_repairs_quick_runs(tmp_path):
+    """bench/repairs.py --quick end to end: both starts (the finished one through its doubling rule), every arm from
+    each, the regions measured at every curve point, the tables with their intervals, the report rebuilt by
+    --report-only from the same runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(ROOT / "bench" / "repairs.py"), "--quick", "--out", str(tmp_path / "out"),
+            "--work-dir", str(tmp_path / "work")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "repairs.json").read_text())
+    from bench import repairs
+    assert set(result["tables"]) == {"start51", "finished"}
+    assert result["starts"]["finished"]["info"]["steps"] > result["protocol"]["starts"]["finished"]["steps"] or \
+        result["starts"]["finished"]["info"]["finished"]
+    for start, rows in result["tables"].items():
+        assert [r["method"] for r in rows] == list(repairs.ARMS)
+        for row in rows:
+            assert all(v is not None for v in row["regions_moved"].values())
+            if row["method"] != "sft":
+                lo, hi = row["vs_sft"]["ci95"]
+                assert lo <= row["vs_sft"]["diff"] <= hi
+    for run in result["runs"]:
+        assert set(run["curve"][0]["regions"]) == set(repairs.REGIONS)
+        assert run["curve"][-1]["step"] == result["protocol"]["steps"]
+    assert (tmp_path / "out" / "repairs.png").stat().st_size > 10_000
+    table = (tmp_path / "out" / "repairs.md").read_text()
+    proc = subprocess.run(args + ["--report-only"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = (tmp_path / "out" / "repairs.md").read_text()
+    assert rebuilt.split("\n", 1)[1] == table.split("\n", 1)[1]       # the same tables, from the same runs
