@@ -618,7 +618,10 @@ def render(r: dict, config: str = "") -> str:
                      f"{100 * row['difference']:>+11.1f}% | {r['seconds'].get(phase, 0):>7.0f}")
     lines += ["", "difference = (estimate - traced) / traced."]
     host = max(r["gathered_state_dicts"].values(), default=0)
-    lines += [f"checkpoint save: process 0's gathered state dicts (largest {f(host)} GiB) are host RAM on a GPU; "
+    sharded = "sharded (this process's part)" in r["gathered_state_dicts"]
+    lines += [f"checkpoint save: sharded, this process writes its own part ({f(host)} GiB of shards); nothing is "
+              "gathered." if sharded else
+              f"checkpoint save: process 0's gathered state dicts (largest {f(host)} GiB) are host RAM on a GPU; "
               "here they count with the rest.",
               f"optimizer state {f(r['optimizer_state_bytes'])} GiB (its tensors; the tracker's Optstate category at "
               f"the optimizer step's peak: {f(r['breakdown'].get('optimizer step', {}).get('Optstate', 0))} GiB, "
