@@ -5,7 +5,7 @@ CI runs each notebook top to bottom in quick mode (SAPO_NB_QUICK=1 shrinks step 
 the notebooks read it in their parameters cell), with cwd = notebooks/, like a reader would.
 
 Re-run them and save their outputs in place (normal mode, what gets committed; a few CPU minutes each):
-    python tests/test_notebooks.py --write                  # all four
+    python tests/test_notebooks.py --write                  # all five
     python tests/test_notebooks.py --write 03                # one
 """
 import argparse
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = ["01_preference_losses.ipynb", "02_self_augmented_negatives.ipynb", "03_end_to_end.ipynb",
-             "04_evidence.ipynb"]
+             "04_evidence.ipynb", "05_repairs.ipynb"]
 CELL_TIMEOUT_S = 600
 MAX_COMMITTED_BYTES = 1_000_000
 
