@@ -292,10 +292,13 @@ def markdown_table(rows: list[dict], start: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep_table(sweeps: dict, chosen: dict, start: str) -> str:
+def sweep_table(sweeps: dict, chosen: dict, start: str, unfinished=()) -> str:
+    """unfinished: arms whose sweep still needed runs (an interrupted command): no lr is chosen for them."""
     lrs = sorted({lr for grid in sweeps.values() for lr in grid if lr != "start"})
+    note = f"; unfinished, no lr chosen: {', '.join(unfinished)}" if unfinished else ""
     lines = [f"Held-out exact match % after the last step, {start} (sweep seeds: mean over those run; chosen in "
-             "bold)", "", "| arm | " + " | ".join(f"lr {lr:.0e}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+             f"bold{note})", "", "| arm | " + " | ".join(f"lr {lr:.0e}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
     for arm, grid in sweeps.items():
         cells = []
         for lr in lrs:
@@ -304,7 +307,7 @@ def sweep_table(sweeps: dict, chosen: dict, start: str) -> str:
                 continue
             vals = list(grid[lr].values())
             text = ev.pct(sum(vals) / len(vals)) + (f" (n={len(vals)})" if len(vals) > 1 else "")
-            cells.append(f"**{text}**" if lr == chosen[arm] else text)
+            cells.append(f"**{text}**" if arm not in unfinished and lr == chosen.get(arm) else text)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -417,8 +420,9 @@ def main(argv=None) -> int:
             sweeps[sp["start_name"]][sp["method"]].setdefault(sp["lr"], {})[sp["seed"]] = r["curve"][-1]["exact_match"]
         if args.report_only and all(not next_sweep_runs(P, sweeps[s][a], a) for s in scores for a in arms):
             break
-    chosen = {s: {a: chosen_lr(P, sweeps[s][a]) for a in arms
-                  if len(sweeps[s][a]) > 1 or len(P["ladder"]) == 1} for s in scores}
+    unfinished = {s: [a for a in arms if next_sweep_runs(P, sweeps[s][a], a)] for s in scores}
+    chosen = {s: {a: chosen_lr(P, sweeps[s][a]) for a in arms if a not in unfinished[s]
+                  and (len(sweeps[s][a]) > 1 or len(P["ladder"]) == 1)} for s in scores}
     for s in chosen:
         log(f"chosen lr, {s}: " + ", ".join(f"{a} {lr:.0e}" for a, lr in chosen[s].items()))
     # the runs
@@ -447,7 +451,7 @@ def main(argv=None) -> int:
               "starts": {s: {**{k: v for k, v in sc.items() if k not in strip}, "info": sc["info"],
                              "test_exact": sc["exact"]} for s, sc in scores.items()},
               "sweeps": {s: {a: {str(lr): v for lr, v in g.items()} for a, g in sw.items()}
-                         for s, sw in sweeps.items()},
+                         for s, sw in sweeps.items()}, "sweeps_unfinished": unfinished,
               "tables": tables, "runs": [{k: v for k, v in r.items() if k != "negatives"} for r in runs]}
     (out / "repairs.json").write_text(json.dumps(result, indent=1))
     made = (f"Runs of `{command}`; this report rebuilt from them by `--report-only` ({ev.machine()})"
@@ -456,7 +460,7 @@ def main(argv=None) -> int:
     for s in scores:
         info = scores[s]["info"]
         text += [markdown_table(tables[s], scores[s], f"{s}: {info['steps']} SFT steps from the random model"), "",
-                 sweep_table({a: g for a, g in sweeps[s].items()}, chosen[s], s), ""]
+                 sweep_table({a: g for a, g in sweeps[s].items()}, chosen[s], s, unfinished[s]), ""]
     (out / "repairs.md").write_text("\n".join(text))
     if runs:
         figure(by_start, arms, out / "repairs.png",
