@@ -65,6 +65,7 @@ FULL = dict(
     ladder=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
     first_grid={"nll": [1e-4, 3e-4, 1e-3], "no_nll": [1e-5, 3e-5, 1e-4]},
     noise=0.03, beta=0.1, orpo_lambda=0.05, rpo_alpha=1.0, dpop_lambda=50.0, segment_len=8, temperature=1.0,
+    mechanism_lr=3e-5,
     ref_update_steps=15, max_new_tokens=40, n_bootstrap=10000, num_samples=64, region_pairs=200,
     region_seed=12345,
 )
@@ -73,7 +74,7 @@ QUICK = dict(
     starts={"start51": dict(lr=2e-3, batch_size=32, steps=30, seed=0, eval_every=0),
             "finished": dict(lr=2e-3, batch_size=32, steps=30, seed=0, eval_every=10, max_doublings=1)},
     steps=4, batch_size=16, curve_every=2, seeds=[0], sweep_seeds=[100], ladder=[3e-4],
-    first_grid={"nll": [3e-4], "no_nll": [3e-4]}, ref_update_steps=2, n_bootstrap=200,
+    first_grid={"nll": [3e-4], "no_nll": [3e-4]}, ref_update_steps=2, n_bootstrap=200, mechanism_lr=3e-4,
     num_samples=8, region_pairs=24,
 )
 
@@ -219,6 +220,40 @@ def chosen_lr(P: dict, grid_scores: dict) -> float:
     most = max(len(grid_scores[lr]) for lr in tried)
     pool = [lr for lr in tried if len(grid_scores[lr]) == most]
     return max(pool, key=lambda lr: (sum(grid_scores[lr].values()) / most, -lr))
+
+
+def mechanism_at(P: dict, work: Path, start: str, scores: dict, arms: list[str], path: Path) -> dict:
+    """Not a protocol measure, an added look: the regions' moves at one lr for every arm (mechanism_lr, where the
+    sweep shows SAPO-DPO falling), from the seed-100 sweep runs' final models on the same held-out pairs. The final
+    runs use each arm's chosen lr, at which some arms hardly move. {arm: {region: move}}; cached in `path`."""
+    import sapo
+    if path.exists():
+        return json.loads(path.read_text())
+    pairs = json.loads((work / start / "pairs.json").read_text())
+    if not pairs or not scores["heldout"].get("regions"):
+        return {}
+    lr, out = P["mechanism_lr"], {}
+    for arm in arms:
+        final = work / start / "sweep" / arm.replace(" ", "_") / f"lr{lr:.0e}" / f"seed{P['sweep_seeds'][0]}" / "sapo" / "final"
+        if not (final / "config.json").exists():
+            continue
+        model, tok = sapo.load_model(str(final)), sapo.load_tokenizer(str(final))
+        regions = ev.mean_regions(model, pairs, P["segment_len"], tok.pad_token_id)
+        out[arm] = {k: regions[k] - scores["heldout"]["regions"][k] for k in REGIONS}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def mechanism_table(moves: dict, sweeps: dict, lr: float, first_seed: int) -> str:
+    lines = [f"Regions moved at one lr for every arm, lr {lr:.0e} (sweep seed {first_seed}; an added look, not a "
+             "protocol measure)", "", "| arm | held-out EM % | Δ log π(y+) prefix / span / suffix | "
+             "Δ log π(y−) span / suffix |", "|---|---|---|---|"]
+    for arm, m in moves.items():
+        em = sweeps[arm].get(lr, {}).get(first_seed)
+        lines.append(f"| {arm} | {'' if em is None else ev.pct(em)} | {m['chosen_prefix']:+.2f} / "
+                     f"{m['chosen_span']:+.2f} / {m['chosen_suffix']:+.2f} | {m['rejected_span']:+.2f} / "
+                     f"{m['rejected_suffix']:+.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- tables, figure
@@ -434,6 +469,7 @@ def main(argv=None) -> int:
         log(f"report only: {len(runs)} of {len(main_specs)} runs finished")
     else:
         runs = ev.run_all(main_specs, jobs, log)
+    mechanism = {s: mechanism_at(P, work, s, scores[s], arms, work / s / "mechanism.json") for s in scores}
     by_start, tables = {}, {}
     for s in scores:
         rs = [r for r in runs if r.get("start") == s]
@@ -452,7 +488,7 @@ def main(argv=None) -> int:
                              "test_exact": sc["exact"]} for s, sc in scores.items()},
               "sweeps": {s: {a: {str(lr): v for lr, v in g.items()} for a, g in sw.items()}
                          for s, sw in sweeps.items()}, "sweeps_unfinished": unfinished,
-              "tables": tables, "runs": [{k: v for k, v in r.items() if k != "negatives"} for r in runs]}
+              "tables": tables, "mechanism": mechanism, "runs": [{k: v for k, v in r.items() if k != "negatives"} for r in runs]}
     (out / "repairs.json").write_text(json.dumps(result, indent=1))
     made = (f"Runs of `{command}`; this report rebuilt from them by `--report-only` ({ev.machine()})"
             if args.report_only else f"Command: `{command}` ({minutes:.0f} min; {ev.machine()})")
@@ -461,6 +497,8 @@ def main(argv=None) -> int:
         info = scores[s]["info"]
         text += [markdown_table(tables[s], scores[s], f"{s}: {info['steps']} SFT steps from the random model"), "",
                  sweep_table({a: g for a, g in sweeps[s].items()}, chosen[s], s, unfinished[s]), ""]
+        if mechanism[s]:
+            text += [mechanism_table(mechanism[s], sweeps[s], P["mechanism_lr"], P["sweep_seeds"][0]), ""]
     (out / "repairs.md").write_text("\n".join(text))
     if runs:
         figure(by_start, arms, out / "repairs.png",
