@@ -269,7 +269,9 @@ def region_moves(runs: list[dict]) -> dict:
     return out
 
 
-def table_rows(runs: list[dict], arms: list[str], n_boot: int) -> list[dict]:
+def table_rows(runs: list[dict], arms: list[str], n_boot: int, start_exact: str) -> list[dict]:
+    """One row per arm over its seeds: test exact match, paired intervals against continued SFT and SAPO-DPO
+    (over the seeds both have), and against the start itself (every seed against the one start model)."""
     import numpy as np
     by = {(r["method"], r["seed"]): r for r in runs}
     seeds_of = {m: sorted(s for (mm, s) in by if mm == m) for m in arms}
@@ -285,6 +287,9 @@ def table_rows(runs: list[dict], arms: list[str], n_boot: int) -> list[dict]:
                "identical_negatives": (float(np.mean([np.mean(r["identical_per_step"]) for r in rs]))
                                        if all(r["identical_per_step"] for r in rs) else None),
                "regions_moved": region_moves(rs), "train_s": float(np.mean([r["train_s"] for r in rs]))}
+        start_bits = [int(c) for c in start_exact]
+        a = [[int(c) for c in r["test_exact"]] for r in rs]
+        row["vs_start"] = ev.paired_bootstrap(a, [start_bits] * len(rs), n_boot, rng)
         for base in COMPARED_WITH:
             common = [s for s in seeds_of[m] if s in seeds_of.get(base, [])]
             if base != m and common:
@@ -309,18 +314,19 @@ def markdown_table(rows: list[dict], start: dict, title: str) -> str:
         v = r["regions_moved"][k]
         return "—" if v is None else f"{v:+.2f}"
     lines = [f"**{title}**", "",
-             "| arm | lr | test exact match % (sd) | vs continued SFT, points [CI problems] [CI seeds+problems] | "
-             "vs SAPO-DPO, points [CI problems] | held-out EM % | identical negatives % | "
-             "Δ log π(y+) prefix / span / suffix | Δ log π(y−) span / suffix | train s/run |",
-             "|" + "---|" * 10,
-             f"| start | | {pct(start['exact_match'])} | | | {pct(start['heldout']['exact_match'])} | | | | |"]
+             "| arm | lr | test exact match % (sd) | vs the start, points [CI problems] | vs continued SFT, points "
+             "[CI problems] [CI seeds+problems] | vs SAPO-DPO, points [CI problems] | held-out EM % | "
+             "identical negatives % | Δ log π(y+) prefix / span / suffix | Δ log π(y−) span / suffix | train s/run |",
+             "|" + "---|" * 11,
+             f"| start | | {pct(start['exact_match'])} | | | | {pct(start['heldout']['exact_match'])} | | | | |"]
     for r in rows:
         seeds_ci = (f" [{pct(r['vs_sft_seeds']['ci95'][0], True)}, {pct(r['vs_sft_seeds']['ci95'][1], True)}]"
                     if "vs_sft_seeds" in r else "")
         ident = "—" if r["identical_negatives"] is None else pct(r["identical_negatives"])
         n = len(r["seeds"])
         lines.append(f"| {r['method']} ({n} seed{'s' * (n > 1)}) | {r['lr']:.0e} | {pct(r['test_exact_match'])} "
-                     f"({pct(r['test_exact_match_sd'])}) | {vs(r, 'vs_sft')}{seeds_ci} | {vs(r, 'vs_sapo-dpo')} | "
+                     f"({pct(r['test_exact_match_sd'])}) | {vs(r, 'vs_start')} | {vs(r, 'vs_sft')}{seeds_ci} | "
+                     f"{vs(r, 'vs_sapo-dpo')} | "
                      f"{pct(r['heldout_exact_match'])} | {ident} | {moved(r, 'chosen_prefix')} / "
                      f"{moved(r, 'chosen_span')} / {moved(r, 'chosen_suffix')} | {moved(r, 'rejected_span')} / "
                      f"{moved(r, 'rejected_suffix')} | {r['train_s']:.0f} |")
@@ -347,16 +353,29 @@ def sweep_table(sweeps: dict, chosen: dict, start: str, unfinished=()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(by_start: dict, arms: list[str], path: Path, title: str):
-    """Per start: held-out exact match per step (mean over seeds), and how far each region of y+ and y- moved."""
+def figure(by_start: dict, mechanism: dict, arms: list[str], path: Path, title: str, mechanism_lr: float):
+    """Per start with final runs: held-out exact match per step (mean over seeds); how far each region of y+ and
+    y- moved in the final runs (each arm at its chosen lr); and the same at one lr for every arm (the sweep)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(14, 4.8 * len(by_start)))
+    shown = {s: v for s, v in by_start.items() if v[0]}
+    fig = Figure(figsize=(19, 5.2 * len(shown)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(by_start), 2, squeeze=False)
+    axes = fig.subplots(len(shown), 3, squeeze=False)
     colors = dict(zip(arms, ["black", "tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:cyan", "tab:green"]))
-    for (start, (runs, rows, scores)), (ax, bx) in zip(by_start.items(), axes):
+
+    def bars(ax, names, moves, what):
+        width, x = 0.8 / len(REGIONS), np.arange(len(names))
+        for j, k in enumerate(REGIONS):
+            ax.bar(x + j * width, [moves[n][k] or 0.0 for n in names], width, label=k.replace("_", " "))
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x + 0.4 - width / 2, names, rotation=20, fontsize=8)
+        ax.set_ylabel("Δ log-prob from the start, nats (mean over pairs)")
+        ax.set_title(what, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    for (start, (runs, rows, scores)), (ax, bx, cx) in zip(shown.items(), axes):
         for m in arms:
             rs = [r for r in runs if r["method"] == m]
             if not rs:
@@ -365,23 +384,18 @@ def figure(by_start: dict, arms: list[str], path: Path, title: str):
             ys = np.array([[p["exact_match"] for p in r["curve"]] for r in rs]) * 100
             ax.plot(steps, ys.mean(0), color=colors[m], label=m, lw=2 if m in COMPARED_WITH else 1.3)
         ax.axhline(scores["heldout"]["exact_match"] * 100, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{start}: held-out exact match (mean over seeds)", fontsize=10)
+        ax.set_title(f"{start}: held-out exact match (mean over seeds), each arm at its chosen lr", fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        width, x = 0.8 / len(REGIONS), np.arange(len(rows))
-        for j, k in enumerate(REGIONS):
-            vals = [r["regions_moved"][k] or 0.0 for r in rows]
-            bx.bar(x + j * width, vals, width, label=k.replace("_", " "))
-        bx.axhline(0, color="black", lw=0.8)
-        bx.set_xticks(x + 0.4 - width / 2, [r["method"] for r in rows], rotation=20, fontsize=8)
-        bx.set_ylabel("Δ log-prob from the start, nats (mean over pairs)")
-        bx.set_title(f"{start}: where the likelihood moved, last step minus start", fontsize=10)
-        bx.legend(fontsize=7)
-        bx.grid(alpha=0.3, axis="y")
+        bars(bx, [r["method"] for r in rows], {r["method"]: r["regions_moved"] for r in rows},
+             f"{start}: regions moved, last step minus start (final runs, chosen lrs)")
+        if mechanism.get(start):
+            bars(cx, list(mechanism[start]), mechanism[start],
+                 f"{start}: regions moved at lr {mechanism_lr:.0e} for every arm (sweep seed)")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -473,7 +487,7 @@ def main(argv=None) -> int:
     by_start, tables = {}, {}
     for s in scores:
         rs = [r for r in runs if r.get("start") == s]
-        rows = table_rows(rs, arms, P["n_bootstrap"])
+        rows = table_rows(rs, arms, P["n_bootstrap"], scores[s]["exact"])
         by_start[s] = (rs, rows, scores[s])
         tables[s] = rows
     minutes = (time.perf_counter() - t_start) / 60
@@ -501,9 +515,9 @@ def main(argv=None) -> int:
             text += [mechanism_table(mechanism[s], sweeps[s], P["mechanism_lr"], P["sweep_seeds"][0]), ""]
     (out / "repairs.md").write_text("\n".join(text))
     if runs:
-        figure(by_start, arms, out / "repairs.png",
-               f"3-digit addition: SAPO-DPO and its repairs from two SFT starts, {P['steps']} steps x "
-               f"{P['batch_size']} prompts")
+        figure(by_start, mechanism, arms, out / "repairs.png",
+               f"3-digit addition: SAPO-DPO and its repairs, {P['steps']} steps x {P['batch_size']} prompts",
+               P["mechanism_lr"])
         if not args.quick and out.resolve() == (ROOT / "bench" / "results").resolve():
             shutil.copy(out / "repairs.png", ROOT / "docs" / "repairs.png")
     print("\n".join(text))
