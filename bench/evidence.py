@@ -428,18 +428,38 @@ def machine() -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def write_data(P: dict, data: Path) -> dict:
+    """The protocol's splits (data seed, sizes) as JSONL files in `data`, rewritten only when they differ: the SFT
+    problems, the preference prompts, the held-out and the test problems. Returns the rows by split."""
+    splits = ar.make_splits(P["data_seed"], P["n_sft"] + P["n_pref"], P["n_heldout"], P["n_test"])
+    data.mkdir(parents=True, exist_ok=True)
+    files = {"sft": splits["train"][: P["n_sft"]], "pref": splits["train"][P["n_sft"]:],
+             "heldout": splits["heldout"], "test": splits["test"]}
+    for name, rows in files.items():
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not (data / f"{name}.jsonl").exists() or (data / f"{name}.jsonl").read_text() != text:
+            (data / f"{name}.jsonl").write_text(text)
+    return files
+
+
+def pipeline_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every protocol's command has (this one's and bench/repairs.py's)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     parser.add_argument("--quick", action="store_true", help="shrunk pipeline for CI (< 2 min)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the protocol's 0..4)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where evidence.json/.md/.png go")
-    parser.add_argument("--work-dir", default=None, help="runs and data (default: runs/evidence[-quick])")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help=f"where {name}.json/.md/.png go")
+    parser.add_argument("--work-dir", default=None, help=f"runs and data (default: runs/{name}[-quick])")
     parser.add_argument("--jobs", type=int, default=None, help="training processes at a time, one thread each "
                         "(default 2; --quick: 0, every run in this process)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report from the runs in --work-dir that finished")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = pipeline_parser(__doc__, "evidence")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="a subset of the methods (default: all)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -460,16 +480,8 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1)
     import sapo
-    # data
     data = work / "data"
-    splits = ar.make_splits(P["data_seed"], P["n_sft"] + P["n_pref"], P["n_heldout"], P["n_test"])
-    data.mkdir(parents=True, exist_ok=True)
-    files = {"sft": splits["train"][: P["n_sft"]], "pref": splits["train"][P["n_sft"]:],
-             "heldout": splits["heldout"], "test": splits["test"]}
-    for name, rows in files.items():
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if not (data / f"{name}.jsonl").exists() or (data / f"{name}.jsonl").read_text() != text:
-            (data / f"{name}.jsonl").write_text(text)
+    files = write_data(P, data)
     # start: a random tiny Llama, then SFT through sapo.train
     start_dir = work / "start"
     if not (start_dir / "final" / "config.json").exists():

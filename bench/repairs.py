@@ -25,7 +25,6 @@ The pipeline, every stage through sapo.train:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -401,17 +400,8 @@ def figure(by_start: dict, mechanism: dict, arms: list[str], path: Path, title: 
 # ----------------------------------------------------------------------------- the pipeline
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shrunk pipeline for CI (< 2 min)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the protocol's 0..4)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where repairs.json/.md/.png go")
-    parser.add_argument("--work-dir", default=None, help="runs and data (default: runs/repairs[-quick])")
-    parser.add_argument("--jobs", type=int, default=None, help="training processes at a time, one thread each "
-                        "(default 2; --quick: 0, in this process)")
+    parser = ev.pipeline_parser(__doc__, "repairs")
     parser.add_argument("--starts", nargs="+", choices=list(FULL["starts"]), help="a subset of the starts")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the report from the runs in --work-dir that finished")
     args = parser.parse_args(argv)
     P = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -430,14 +420,7 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(1 if jobs else 2)
     data = work / "data"
-    splits = ar.make_splits(P["data_seed"], P["n_sft"] + P["n_pref"], P["n_heldout"], P["n_test"])
-    data.mkdir(parents=True, exist_ok=True)
-    files = {"sft": splits["train"][: P["n_sft"]], "pref": splits["train"][P["n_sft"]:],
-             "heldout": splits["heldout"], "test": splits["test"]}
-    for name, rows in files.items():
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if not (data / f"{name}.jsonl").exists() or (data / f"{name}.jsonl").read_text() != text:
-            (data / f"{name}.jsonl").write_text(text)
+    files = ev.write_data(P, data)
     scores = {}
     for start in starts:
         if args.report_only and not (work / start / "scores.json").exists():
