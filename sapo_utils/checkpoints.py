@@ -15,7 +15,8 @@ import torch
 from sapo_utils.errors import UserError
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (a manifest entry; scale/'s sharded checkpoints use it too)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -23,7 +24,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk, so that a rename into it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -107,7 +109,7 @@ def _write_atomically(final: Path, write, needed: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError, SafetensorError) as e:
         free = _free_bytes(final.parent)      # measured before the temp folder goes: a full disk shows here
@@ -145,7 +147,7 @@ def save_checkpoint(ckpt_root: Path, step: int, models: dict, trainer_state: dic
             save_model(model, str(tmp / f"{name}.safetensors"))
         torch.save(tensors, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(json_state))
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     needed = sum(_tensor_bytes(m.state_dict()) for m in models.values()) + _tensor_bytes(tensors) + (1 << 20)
@@ -165,7 +167,7 @@ def verify_checkpoint(path: Path) -> str | None:
         return "no readable manifest.json"
     for name, meta in manifest.items():
         p = path / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
             return f"{name} is missing or does not match its manifest"
     return None
 

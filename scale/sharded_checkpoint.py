@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from sapo_utils.checkpoints import _fsync_dir, _sha256
+from sapo_utils.checkpoints import fsync_dir, sha256_file
 from sapo_utils.errors import UserError
 
 from scale.fsdp import all_processes
@@ -87,7 +87,7 @@ def save(root: Path, step: int, state: dict, trainer: dict, device, keep: int) -
     for p in mine:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
-        entries[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        entries[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     gathered = [None] * world
     if world > 1:
         dist.all_gather_object(gathered, entries)
@@ -102,7 +102,7 @@ def save(root: Path, step: int, state: dict, trainer: dict, device, keep: int) -
             os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in checkpoint_dirs(root)[:-keep or None]:
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
@@ -122,7 +122,7 @@ def verify(path: Path, device) -> str | None:
     bad = None
     for name, meta in files[rank::world]:
         p = path / name
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
             bad = name
             break
     if all_processes(bad is None, device):
